@@ -9,7 +9,9 @@ SHAPES = dict(hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_at
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
               # larger than the default 0.02, so logits are spread out and greedy decoding
               # does not hinge on near-ties
-              initializer_range=0.2)
+              initializer_range=0.2,
+              # no end-of-sequence token: generation always runs its full length
+              eos_token_id=None, pad_token_id=0)
 
 
 def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
@@ -40,6 +42,5 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 def greedy(model, ids: torch.Tensor, new_tokens: int = 32) -> torch.Tensor:
     device = next(model.parameters()).device
     out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids, device=device),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0)
+                         max_new_tokens=new_tokens, do_sample=False)
     return out[:, ids.shape[1]:].cpu()
