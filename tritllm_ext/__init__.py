@@ -2,4 +2,10 @@
 import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _C  # noqa: F401  (registers torch.ops.tritllm.*)
+from . import hf
+from .checkpoint import convert, info, load, save
 from .format import FORMAT_VERSION
+from .model import dequantize_model, quantize_model
+from .nn import TritLinear
+
+hf.install()  # quant_method "tritllm" for transformers' from_pretrained, if it is installed
