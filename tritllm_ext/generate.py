@@ -107,9 +107,13 @@ class StaticKVCache:
 class LlamaFamilyForward:
     """The forward pass of a Llama-family causal LM over a StaticKVCache, returning the logits
     of the last position only. It reads the modules of a transformers model and owns nothing
-    but the rotary tables."""
+    but the rotary tables.
 
-    def __init__(self, model, max_len: int):
+    With `compile_decode`, a decode step runs every decoder layer through one torch.compile'd
+    function (the layers share their structure, so it compiles once, not once per layer), which
+    fuses RMSNorm, the rotation, SiLU-and-multiply and the residual adds into a few kernels."""
+
+    def __init__(self, model, max_len: int, compile_decode: bool = False):
         reason = unsupported_reason(model, max_len)
         if reason:
             raise ValueError(f"fast generation: {reason}")
@@ -134,13 +138,15 @@ class LlamaFamilyForward:
         self.cos = cos[0].contiguous()  # [max_len, head_dim]
         self.sin = sin[0].contiguous()
         self.kv_positions = torch.arange(max_len, device=self.device)
+        self._decode_layer = (torch.compile(self._decoder_layer, fullgraph=True, dynamic=False)
+                              if compile_decode else self._decoder_layer)
 
     def new_cache(self, batch_size: int) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch_size, self.kv_heads, self.max_len,
                              self.head_dim, self.dtype, self.device)
 
-    def _attention(self, layer_index: int, attn, x: torch.Tensor, positions: torch.Tensor,
-                   cache: StaticKVCache, prefill: bool) -> torch.Tensor:
+    def _attention(self, attn, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor, prefill: bool) -> torch.Tensor:
         b, t, _ = x.shape
         q = attn.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
@@ -152,9 +158,8 @@ class LlamaFamilyForward:
         sin = self.sin[positions]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.keys[layer_index], cache.values[layer_index]
-        keys[:, :, positions] = k
-        values[:, :, positions] = v
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
         if prefill:
             # The prompt starts at position 0: causal attention over its own keys and values.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
@@ -172,16 +177,21 @@ class LlamaFamilyForward:
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return attn.o_proj(out)
 
+    def _decoder_layer(self, layer, h: torch.Tensor, positions: torch.Tensor,
+                       keys: torch.Tensor, values: torch.Tensor, prefill: bool) -> torch.Tensor:
+        h = h + self._attention(layer.self_attn, layer.input_layernorm(h), positions, keys,
+                                values, prefill)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
                  prefill: bool) -> torch.Tensor:
         """tokens [B, T] at `positions` [T] -> logits [B, V] of the last position. A prefill
         (T >= 1 tokens from position 0) attends causally among its tokens; a decode step
         (T = 1) attends to the cache."""
+        layer_fn = self._decoder_layer if prefill else self._decode_layer
         h = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), positions,
-                                    cache, prefill)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            h = layer_fn(layer, h, positions, keys, values, prefill)
         h = self.norm(h[:, -1:])
         return self.lm_head(h)[:, 0]
 
@@ -207,7 +217,7 @@ class Generator:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.forward = LlamaFamilyForward(model, max_len)
+        self.forward = LlamaFamilyForward(model, max_len, compile_decode=compile)
         self.device = self.forward.device
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
@@ -222,32 +232,56 @@ class Generator:
         # The decode step's inputs and outputs live at fixed addresses for the CUDA graph.
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._decode_forward = (torch.compile(self.forward, fullgraph=True, dynamic=False)
-                                if compile else self.forward)
+        self.compiled = compile
         self._graph = None
+        self._warm = False
         self._next_position = 0  # host copy of `position`, to refuse running past max_len
 
     def _decode_step(self) -> None:
-        logits = self._decode_forward(self.tokens, self.position, self.cache, False)
+        logits = self.forward(self.tokens, self.position, self.cache, False)
         self.tokens.copy_(select_next_token(logits, self.temperature, self.top_k)[:, None])
         self.position.add_(1)
 
-    def _capture(self) -> None:
+    def _run_warmup_steps(self) -> None:
+        """A few decode steps whose results are thrown away: they compile the forward (with
+        `compile`) and let cuBLAS and the caching allocator settle before a graph capture.
+        They write cache entries at the current positions; those are rewritten before any
+        query can see them (the mask hides positions after the current one)."""
         saved_tokens, saved_position = self.tokens.clone(), self.position.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        if self.use_graph:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_STEPS):
+                    self._decode_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
             for _ in range(_WARMUP_STEPS):
                 self._decode_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        # Warm-up wrote cache entries past the prompt; they are overwritten before any query
-        # can see them (the mask hides positions after the current one).
         self.tokens.copy_(saved_tokens)
         self.position.copy_(saved_position)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._decode_step()
-        self._graph = graph
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compiles and captures the decode step now (both happen once per Generator), so that
+        the first timed step does not pay for them. Optional: `step` does it when needed."""
+        if self.use_graph:
+            if self._graph is None:
+                self._run_warmup_steps()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._decode_step()
+                self._graph = graph
+        elif self.compiled and not self._warm:
+            self._run_warmup_steps()
+        self._warm = True
+
+    def _check_request(self, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if input_ids.shape[-1] + max_new_tokens > self.max_len:
+            raise ValueError(f"{input_ids.shape[-1]} prompt + {max_new_tokens} new tokens "
+                             f"exceed max_len={self.max_len}")
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -277,8 +311,7 @@ class Generator:
             raise ValueError(f"generation reached max_len={self.max_len}; build the Generator "
                              "with a larger max_len")
         if self.use_graph:
-            if self._graph is None:
-                self._capture()
+            self.warmup()
             self._graph.replay()
         else:
             self._decode_step()
@@ -286,32 +319,28 @@ class Generator:
         return self.tokens
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Prompt [B, T] -> [B, T + max_new_tokens], without reading anything back until the
-        end (no stop at an end-of-sequence token: use `stream` for that)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        t = input_ids.shape[-1]
-        if t + max_new_tokens > self.max_len:
-            raise ValueError(f"{t} prompt + {max_new_tokens} new tokens exceed max_len="
-                             f"{self.max_len}")
-        out = torch.empty(self.batch_size, t + max_new_tokens, dtype=torch.long,
-                          device=self.device)
-        out[:, :t] = input_ids
-        out[:, t] = self.prefill(input_ids)
-        for i in range(t + 1, t + max_new_tokens):
+    def decode(self, num_tokens: int) -> torch.Tensor:
+        """`num_tokens` decode steps after `prefill`: their tokens [B, num_tokens] on the
+        model's device, without any host sync."""
+        out = torch.empty(self.batch_size, num_tokens, dtype=torch.long, device=self.device)
+        for i in range(num_tokens):
             out[:, i:i + 1] = self.step()
         return out
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Prompt [B, T] -> [B, T + max_new_tokens] on the model's device, without reading
+        anything back (no stop at an end-of-sequence token: use `stream` for that)."""
+        self._check_request(input_ids, max_new_tokens)
+        first = self.prefill(input_ids)
+        rest = self.decode(max_new_tokens - 1)
+        return torch.cat([input_ids.to(self.device), first[:, None], rest], dim=1)
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int,
                eos_token_id: int | list[int] | None = None) -> Iterator[list[int]]:
         """Yields each new token of every sequence as a list of B ints (one host sync per
         token), stopping early once every sequence has produced an end-of-sequence token."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if input_ids.shape[-1] + max_new_tokens > self.max_len:
-            raise ValueError(f"{input_ids.shape[-1]} prompt + {max_new_tokens} new tokens "
-                             f"exceed max_len={self.max_len}")
+        self._check_request(input_ids, max_new_tokens)
         stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         finished = [False] * self.batch_size
         tokens = self.prefill(input_ids).tolist()
