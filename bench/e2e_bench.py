@@ -316,7 +316,7 @@ def table(result: dict) -> str:
     head += [f"tok/s B={b}" for b in batches]
     if result["prefill_len"]:
         head.append(f"prefill {result['prefill_len']} ms")
-    head += ["max |dlogit|", "top-1 agree"]
+    head += ["max abs dlogit", "top-1 agree"]
     rows = []
     for v in variants:
         q = v["quantized"]["bits_per_weight"]

@@ -235,7 +235,9 @@ class Generator:
         self.compiled = compile
         self._graph = None
         self._warm = False
-        self._next_position = 0  # host copy of `position`, to refuse running past max_len
+        # Host copy of `position` (the position of the token fed to the next step), to refuse
+        # growing a sequence past max_len tokens.
+        self._next_position = 0
 
     def _decode_step(self) -> None:
         logits = self.forward(self.tokens, self.position, self.cache, False)
@@ -307,7 +309,7 @@ class Generator:
     def step(self) -> torch.Tensor:
         """Feeds the last token and returns the next ones: the [B, 1] token buffer, which the
         next step overwrites (copy it to keep it). No host sync."""
-        if self._next_position >= self.max_len:
+        if self._next_position + 1 >= self.max_len:  # the sequence would outgrow max_len
             raise ValueError(f"generation reached max_len={self.max_len}; build the Generator "
                              "with a larger max_len")
         if self.use_graph:
