@@ -1,9 +1,10 @@
 """tritllm_ext: balanced-ternary (trit) quantized LLM weights at their real bit-width."""
 import torch  # noqa: F401  (loads libtorch before our library)
 
-from . import _C  # noqa: F401  (registers torch.ops.tritllm.*)
+from . import _loader  # noqa: F401  (checks the torch version, imports _C: torch.ops.tritllm.*)
 from . import hf
 from .adopt import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
+from .build_info import build_info
 from .checkpoint import convert, info, load, save
 from .codec import TritWeight, dequantize, quantize
 from .format import FORMAT_VERSION
