@@ -223,11 +223,32 @@ def _floor_f32(x: torch.Tensor) -> torch.Tensor:
 
 # --- 2. the scales that fit a group ------------------------------------------------------------
 
+_BOUNDS_TABLES = {}
+
+
+def _bounds_table(dtype, device):
+    """float64 [2, 2^15]: (A, B) of every non-negative 16-bit value of `dtype` (index = bits)."""
+    key = (dtype, str(device))
+    if key not in _BOUNDS_TABLES:
+        bits = torch.arange(1 << 15, dtype=torch.int32, device=device)
+        finite = bits.to(torch.int16).view(dtype).isfinite()
+        a, b = _product_bounds(torch.where(finite, bits, 0).to(torch.int16).view(dtype))
+        _BOUNDS_TABLES[key] = torch.stack([a, b])  # inf/NaN rows: never looked up (w is finite)
+    return _BOUNDS_TABLES[key]
+
+
 def _weight_bounds(chunk):
     """Groups [g, 16] -> float64 (A, B) of every |w| and which weights constrain the scale: all
     but +0.0 (level 0). A -0.0 needs a negative level whose product underflows: level -1 fits
     whenever any does, with A = 0."""
-    a, b = _product_bounds(chunk.abs())
+    mag = chunk.abs()
+    if chunk.dtype == torch.float32:
+        a, b = _product_bounds(mag)
+    else:  # 16-bit dtypes: look the bounds up
+        table = _bounds_table(chunk.dtype, chunk.device)
+        bits = mag.view(torch.int16).to(torch.int32).reshape(-1)
+        a = table[0].index_select(0, bits).reshape(mag.shape)
+        b = table[1].index_select(0, bits).reshape(mag.shape)
     return a, b, (chunk != 0) | torch.signbit(chunk)
 
 

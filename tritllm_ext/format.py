@@ -161,17 +161,19 @@ def _unpack_rows(packed: torch.Tensor, depth: int):
         u_words = u_words + 3 ** p * words[:, :, p]
     shifts = torch.arange(0, 8 * TRITS_PER_BYTE, 8, dtype=torch.int64, device=packed.device)
     u_body = ((u_words.unsqueeze(-1) >> shifts) & 0xFF).reshape(n, g, 15)
-    tail0 = grp[..., 3 * depth].to(torch.int64)
-    u15 = tail0 // 27
-    if tail_bytes(depth) == 2:
-        u15 = u15 + 9 * grp[..., 3 * depth + 1].to(torch.int64)
-    levels = torch.cat([u_body, u15.unsqueeze(-1)], dim=-1) - max_level(depth)
-    return levels.reshape(n, g * GROUP_SIZE).to(torch.int8), (tail0 % 27).to(torch.uint8)
+    # Tail digits idx0 idx1 idx2 u15_0 u15_1 | u15_2 u15_3 (see _pack_rows).
+    tail = trit_digits(grp[..., 3 * depth:]).flatten(-2)  # [n, g, 5 * tail bytes]
+    idx = tail[..., 0] + 3 * tail[..., 1] + 9 * tail[..., 2]
+    u15 = sum(3 ** p * tail[..., INDEX_TRITS + p] for p in range(depth))
+    levels = torch.cat([u_body, u15.unsqueeze(-1).to(torch.int64)], dim=-1) - max_level(depth)
+    return levels.reshape(n, g * GROUP_SIZE).to(torch.int8), idx.to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, depth: int, in_features: int):
     """Packed uint8 [N, G*B(d)] -> (levels int8 [N, K], idx uint8 [N, G]). The reference decoder:
-    it does not validate (call `validate` first), and returns exactly what `pack` was given."""
+    it does not validate (call `validate` first), and returns exactly what `pack` was given.
+    Unvalidated bytes still decode to levels in [-L, L] and indices in [0, 27): every digit is
+    read with the division-free rule, which keeps it in {0, 1, 2}."""
     check_depth(depth)
     g = num_groups(in_features)
     n = packed.shape[0]
