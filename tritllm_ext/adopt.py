@@ -171,6 +171,10 @@ def _f32_step(x: torch.Tensor, step: int) -> torch.Tensor:
     return (x.view(torch.int32) + step).view(torch.float32)
 
 
+def _f32_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).view(torch.float32)
+
+
 def _is_odd_f32(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) & 1) == 1
 
@@ -211,7 +215,8 @@ def _product_bounds(mag: torch.Tensor):
 def _ceil_f32(x: torch.Tensor) -> torch.Tensor:
     """The smallest float32 >= each float64 x."""
     c = x.to(torch.float32)
-    return torch.where(c.to(torch.float64) < x, torch.nextafter(c, torch.full_like(c, torch.inf)), c)
+    return torch.where(c.to(torch.float64) < x, torch.nextafter(c, torch.full_like(c, torch.inf)),
+                       c)
 
 
 def _floor_f32(x: torch.Tensor) -> torch.Tensor:
@@ -300,8 +305,7 @@ def _exhaustive_alternatives(a, b, constrained, lmax):
     # Many candidates share an interval: keep one (row, lo, hi) of each.
     key = torch.stack([rows, lo[rows, cols].view(torch.int32).long(),
                        hi[rows, cols].view(torch.int32).long()], dim=1).unique(dim=0)
-    as_f32 = lambda column: column.to(torch.int32).view(torch.float32)  # noqa: E731
-    return key[:, 0], as_f32(key[:, 1]), as_f32(key[:, 2])
+    return key[:, 0], _f32_of_bits(key[:, 1]), _f32_of_bits(key[:, 2])
 
 
 def _scale_alternatives(groups, depth):
