@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import string
 import sys
 import tempfile
 import time
@@ -26,6 +27,9 @@ from .generate import Generator, max_len_for
 DEMO_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
 DEMO_SEED = 0
+# The demo's weights are a little larger than INIT_STD, so that every layer, not only the last
+# token's embedding, sways the next token: the output varies instead of repeating one character.
+DEMO_STD = 0.05
 # Standard deviation of the random weights: small enough that activations stay finite through
 # many layers in float16, as with a real model's initialisation.
 INIT_STD = 0.02
@@ -86,13 +90,27 @@ def build_random_llama(config, dtype: torch.dtype = torch.float32, device="cpu",
     return model.eval()
 
 
+def printable_output_only(model, tokenizer) -> None:
+    """Zero the lm_head rows of every token that is not one printable ASCII character. A random
+    model otherwise picks bytes that are not text on their own (half of a UTF-8 character, a
+    control code); with zero logits they lose to the printable tokens, whose random logits are
+    positive for the largest of them, so the gibberish it generates stays readable."""
+    printable = set(string.printable[:95])  # letters, digits, punctuation and space
+    keep = torch.tensor([tokenizer.decode([i]) in printable for i in range(len(tokenizer))])
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0
+
+
 def save_random_llama(out_dir: str, config, dtype: torch.dtype = torch.float16,
-                      seed: int = 0, std: float = INIT_STD) -> None:
+                      seed: int = 0, std: float = INIT_STD, printable_output: bool = False) -> None:
     """An FP16/BF16 Hugging Face directory (config, safetensors, byte-level tokenizer) holding a
     random model: the input of `tritllm quantize`."""
     model = build_random_llama(config, dtype=dtype, seed=seed, std=std)
+    tokenizer = byte_level_tokenizer()
+    if printable_output:
+        printable_output_only(model, tokenizer)
     model.save_pretrained(out_dir)
-    byte_level_tokenizer().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def _largest_logit_difference(model, reference, ids: torch.Tensor) -> float:
@@ -136,7 +154,8 @@ def run_demo(out_dir: str | None = None, device: torch.device | None = None,
     t_start = time.perf_counter()
     say(f"1. building a random Llama ({config.num_hidden_layers} layers, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size}, seed {DEMO_SEED}) -> {src}")
-    save_random_llama(src, config, dtype=torch.float16, seed=DEMO_SEED)
+    save_random_llama(src, config, dtype=torch.float16, seed=DEMO_SEED, std=DEMO_STD,
+                      printable_output=True)
 
     say(f"2. quantizing at depth 2 -> {packed}")
     checkpoint.convert(src, packed, mode="quantize", depth=2, progress=False)
