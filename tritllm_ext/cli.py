@@ -73,19 +73,43 @@ def _convert(args, mode: str) -> int:
     if os.path.abspath(args.src_dir) == os.path.abspath(args.out_dir):
         raise UsageError("OUT_DIR must differ from SRC_DIR (the source is read while the "
                          "packed checkpoint is written)")
-    kwargs = dict(mode=mode, depth=args.depth, skip=tuple(args.skip), progress=not args.quiet)
+    kwargs = dict(mode=mode, depth=args.depth, skip=tuple(args.skip), progress=not args.quiet,
+                  device=resolve_device(args.device))
     if mode == "adopt":
         kwargs["requantize"] = args.requantize
     t0 = time.perf_counter()
     report = checkpoint.convert(args.src_dir, args.out_dir, **kwargs)
     print(format_convert_report(report))
-    print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s (`tritllm info "
+          f"{args.out_dir}` describes it)")
     return 0
 
 
 def format_convert_report(report) -> str:
-    """The end-of-conversion summary: one line per matrix, then the totals."""
-    return json.dumps(report, indent=1, default=str)
+    """The end-of-conversion summary (a checkpoint.ConvertReport): one line per matrix with its
+    bits/weight (and, for adopt, how many of its groups were exact), then the totals."""
+    width = max((len(m.name) for m in report.matrices), default=0)
+    lines = [f"{'matrix':<{width}}  {'shape':>13}  bits/weight"
+             + ("  groups" if report.mode == "adopt" else "")]
+    for m in report.matrices:
+        line = f"{m.name:<{width}}  {str(list(m.shape)):>13}  {m.bits_per_weight:11.3f}"
+        if report.mode == "adopt":
+            total = m.exact_groups + m.requantized_groups
+            line += (f"  exact {m.exact_groups}/{total}" if not m.requantized_groups else
+                     f"  exact {m.exact_groups}/{total}, requantized {m.requantized_groups}")
+        lines.append(line)
+    weights = sum(m.shape[0] * m.shape[1] for m in report.matrices)
+    lines.append(f"{report.mode}: {len(report.matrices)} matrices ({weights:,} weights) at depth "
+                 f"{report.depth}: {_fmt_bytes(report.source_bytes)} -> "
+                 f"{_fmt_bytes(report.packed_bytes)}, {report.bits_per_weight:.3f} bits/weight; "
+                 f"{len(report.kept)} tensors kept in floating point")
+    if report.mode == "adopt":
+        requantized = [m for m in report.matrices if m.requantized_groups]
+        lines.append("every matrix adopted bit-exactly" if not requantized else
+                     f"{len(requantized)} matrices requantized in part "
+                     f"({sum(m.requantized_groups for m in requantized):,} groups), the rest "
+                     "exact")
+    return "\n".join(lines)
 
 
 def cmd_quantize(args) -> int:
@@ -106,7 +130,25 @@ def cmd_info(args) -> int:
 
 
 def format_info(info: dict) -> str:
-    return json.dumps(info, indent=1, default=str)
+    """checkpoint.info(dir) as text: a header, one line per quantized layer, the totals."""
+    layers = info["layers"]
+    width = max((len(name) for name in layers), default=5)
+    lines = [f"packed trit checkpoint {info['path']}",
+             f"format version {info['format_version']}, depth {info['depth']}, groups of "
+             f"{info['group_size']} weights",
+             f"{'layer':<{width}}  {'shape':>13}  codebook  bits/weight"]
+    for name, layer in layers.items():
+        lines.append(f"{name:<{width}}  {str(layer['shape']):>13}  {layer['codebook_size']:8d}"
+                     f"  {layer['bits_per_weight']:11.3f}")
+    lines += [
+        f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
+        f"{_fmt_bytes(info['packed_bytes'])}, {info['bits_per_weight']:.3f} bits/weight",
+        f"kept in floating point: {info['unquantized_tensors']} tensors, "
+        f"{_fmt_bytes(info['unquantized_bytes'])}",
+        f"size on disk {_fmt_bytes(info['size_on_disk'])} vs FP16 "
+        f"{_fmt_bytes(info['fp16_equivalent_bytes'])}: {info['compression_vs_fp16']:.2f}x "
+        "smaller"]
+    return "\n".join(lines)
 
 
 # ---- generate ------------------------------------------------------------------------------
@@ -169,7 +211,8 @@ def prompt_ids(tokenizer, prompt: str):
 def stream_generation(model, tokenizer, ids, max_new_tokens: int, *, temperature: float = 0.0,
                       top_k: int | None = None, compile: bool = False, out=sys.stdout) -> dict:
     """Streams the continuation of `ids` [1, T] to `out` with generate.Generator and returns
-    its timings: prefill_s, decode tokens and decode_s, setup_s (graph capture/compile)."""
+    the new token ids and the timings: prefill_s, decode_tokens and decode_s, setup_s (graph
+    capture and compilation, before the first token)."""
     from .generate import Generator, max_len_for
 
     gen = Generator(model, 1, max_len_for(ids.shape[1], max_new_tokens),
@@ -184,7 +227,8 @@ def stream_generation(model, tokenizer, ids, max_new_tokens: int, *, temperature
         times.append(time.perf_counter())
         printer.add(tokens[0])
     printer.finish()
-    return {"prompt_tokens": ids.shape[1], "new_tokens": len(times), "setup_s": setup_s,
+    return {"tokens": printer.ids, "prompt_tokens": ids.shape[1], "new_tokens": len(times),
+            "setup_s": setup_s,
             "prefill_s": times[0] - t0, "decode_tokens": len(times) - 1,
             "decode_s": times[-1] - times[0], "cuda_graph": gen.use_graph, "compiled": compile}
 
@@ -292,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--skip", action="append", default=None, metavar="NAME",
                        help="module name (or name suffix) to keep in floating point; "
                        "repeatable (default: lm_head)")
+        p.add_argument("--device", default="cpu", choices=("auto", "cuda", "cpu"),
+                       help="where matrices are quantized (default cpu; cuda is much faster "
+                       "for large models)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
 
