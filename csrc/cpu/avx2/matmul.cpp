@@ -36,7 +36,7 @@ struct Context {
       : a(a_), w(w_), layout(a_.rows, w_), load(w_), tables(w_), y(y_) {}
 };
 
-// Rows of W ahead of the one being computed that the kernels prefetch (no fault past the end).
+// How many rows of W ahead of the one being computed the row pass prefetches.
 constexpr int kPrefetchRows = 2;
 
 // ---------------------------------------------------------------------------------------------
@@ -81,9 +81,10 @@ bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check
     if (end - row < (groups - 1) * kBytes + 16) {
       direct = end - row >= 16 ? (end - row - 16) / kBytes + 1 : 0;
     }
-    // The row check above waits for memory, the groups below do not: fetch the row after next
-    // while computing (the hardware prefetcher alone stops running ahead during the compute).
-    const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes);
+    // The row check above waits for memory, the groups below do not: fetch a later row while
+    // computing (the hardware prefetcher alone stops running ahead during the compute).
+    const int64_t later = n + kPrefetchRows < c.w.out_features ? n + kPrefetchRows : n;
+    const char* ahead = reinterpret_cast<const char*>(c.w.row(later));
     // two accumulators: consecutive groups do not wait for each other's FMA
     __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
     int64_t g = 0;
@@ -140,13 +141,17 @@ bool decode_strip(const Context<D>& c, int64_t n, int64_t rows, int64_t b0, int6
   const QuotientDecoder<D> decode = c.decode;
   const int64_t groups = c.w.groups();
   unsigned largest_index = 0;
+  const int64_t first = b0 * 8 * kBytes;
+  const int64_t last = b1 * 8 < groups ? b1 * 8 * kBytes : c.w.row_bytes();
   for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* row = c.w.row(n + i);
-    if (check) {
-      const int64_t first = b0 * 8 * kBytes;
-      const int64_t last = b1 * 8 < groups ? b1 * 8 * kBytes : c.w.row_bytes();
-      if (!c.checker.ok(row + first, last - first)) return false;
+    // The same chunk of the next strip's rows: short pieces of many rows, which the hardware
+    // prefetcher does not fetch ahead by itself.
+    if (n + kStripRows + i < c.w.out_features) {
+      const char* next = reinterpret_cast<const char*>(c.w.row(n + kStripRows + i));
+      for (int64_t offset = first; offset < last; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T0);
     }
+    if (check && !c.checker.ok(row + first, last - first)) return false;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t slot = i * kChunkBlocks + (b - b0);
       __m256i q[8];
