@@ -393,13 +393,18 @@ def _require_transformers():
     return transformers
 
 
-def _model_class(transformers, config, where: str):
+def _model_class(transformers, config):
     for name in config.architectures or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    raise CheckpointError(f"{where}: config.json names architectures {config.architectures}, "
-                          "none of which this transformers provides")
+    raise CheckpointError(f"config.json names architectures {config.architectures}, none of "
+                          f"which transformers {transformers.__version__} provides")
+
+
+def read_config(model_dir: str):
+    """config.json of `model_dir` as a transformers config object."""
+    return _require_transformers().AutoConfig.from_pretrained(model_dir)
 
 
 @contextlib.contextmanager
@@ -421,12 +426,10 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def build_skeleton(model_dir: str, config=None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of `model_dir`'s config.json with every parameter on the meta device."""
-    transformers = _require_transformers()
-    if config is None:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-    model_cls = _model_class(transformers, config, model_dir)
+def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The transformers model of `config` (its `architectures`) with every parameter on the meta
+    device, unquantized tensors typed `dtype` (default: the config's dtype)."""
+    model_cls = _model_class(_require_transformers(), config)
     with parameters_on_meta():
         return model_cls._from_config(config, dtype=dtype or config.dtype or torch.float32)
 
@@ -458,10 +461,9 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = None,
     config_dict = _read_json(os.path.join(model_dir, CONFIG_FILE))
     qc = check_quantization_config(config_dict.get("quantization_config"), model_dir)
     index = read_tensor_index(files)
-    transformers = _require_transformers()
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config = read_config(model_dir)
     dtype = dtype or config.dtype or torch.float32
-    model = build_skeleton(model_dir, config, dtype)
+    model = build_skeleton(config, dtype)
     swap_in_empty_trit_linears(model, qc, index)
 
     expected = unique_state_tensors(model)
@@ -502,7 +504,8 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = None,
     model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
     validate_modules(model)
     if model.can_generate() and os.path.isfile(os.path.join(model_dir, GENERATION_CONFIG_FILE)):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir)
+        generation_config = _require_transformers().GenerationConfig
+        model.generation_config = generation_config.from_pretrained(model_dir)
     model.config.quantization_config = qc
     model.requires_grad_(False)
     return model.eval()
@@ -588,7 +591,7 @@ def convert(src_dir, out_dir, mode: str = "quantize", depth: int = 2, requantize
     if os.path.isdir(out_dir) and os.path.samefile(src_dir, out_dir):
         raise ValueError("out_dir must differ from src_dir")
     index = read_tensor_index(files)
-    skeleton = build_skeleton(src_dir)
+    skeleton = build_skeleton(read_config(src_dir))
     modules = quantizable_linears(skeleton, skip)
     for name in modules:
         info = index.get(f"{name}.weight")
