@@ -70,37 +70,57 @@ def byte_bounds(depth: int) -> list[int]:
     return bounds
 
 
-_POW3 = [1, 3, 9, 27, 81]
+# Digit i of a byte v < 243 is ((v * M_i) mod 2^16) * 3 >> 16 (csrc/format.h, trit_digit): the
+# kernels decode without division, and so does the reference, so that both read even a corrupt
+# byte (>= 243) the same way (as digits in {0, 1, 2}).
+DIGIT_MAGIC = tuple(-(-65536 // 3 ** (i + 1)) for i in range(TRITS_PER_BYTE))  # 21846 ... 270
 
 
-def _digits_to_bytes(digits: torch.Tensor) -> torch.Tensor:
-    """[..., n*5] digits in {0,1,2} -> [..., n] bytes (little-endian base 3)."""
-    d = digits.reshape(*digits.shape[:-1], -1, TRITS_PER_BYTE).to(torch.int32)
-    w = torch.tensor(_POW3, dtype=torch.int32, device=digits.device)
-    return (d * w).sum(-1).to(torch.uint8)
+def trit_digits(b: torch.Tensor) -> torch.Tensor:
+    """Bytes (any integer dtype, any shape) -> their five base-3 digits, int32 [..., 5], by the
+    division-free rule of csrc/format.h. Exact for bytes < 243; always in {0, 1, 2}."""
+    magic = torch.tensor(DIGIT_MAGIC, dtype=torch.int32, device=b.device)
+    return (((b.to(torch.int32).unsqueeze(-1) * magic) & 0xFFFF) * 3) >> 16
 
 
-def _bytes_to_digits(b: torch.Tensor) -> torch.Tensor:
-    """[..., n] bytes -> [..., n*5] digits (int16). Bytes >= 243 give meaningless digits."""
-    w = torch.tensor(_POW3, dtype=torch.int16, device=b.device)
-    d = (b.to(torch.int16).unsqueeze(-1) // w) % 3
-    return d.reshape(*b.shape[:-1], -1)
+# The packer and unpacker work on whole 5-weight blocks at once by moving digits in 8-bit fields
+# of one integer: a weight's d plane digits sit in bits 8p.., a byte's five digits in bits 8i...
+# No field ever exceeds 242, so sums of such words never carry from one field into the next.
+
+def _plane_spread_table(depth: int, device) -> torch.Tensor:
+    """int32 [3^d]: for u = level + L, sum over planes p of digit_p(u) << 8p."""
+    u = torch.arange(3 ** depth, dtype=torch.int32, device=device)
+    word = torch.zeros_like(u)
+    for p in range(depth):
+        word += ((u // 3 ** p) % 3) << (8 * p)
+    return word
+
+
+def _byte_digits_table(device) -> torch.Tensor:
+    """int64 [256]: for a byte, sum over its digits i of digit_i << 8i."""
+    digits = trit_digits(torch.arange(256, device=device)).to(torch.int64)  # [256, 5]
+    shifts = torch.arange(0, 8 * TRITS_PER_BYTE, 8, dtype=torch.int64, device=device)
+    return (digits << shifts).sum(-1)
 
 
 def _pack_rows(levels: torch.Tensor, idx: torch.Tensor, depth: int) -> torch.Tensor:
     n, kp = levels.shape
     g = kp // GROUP_SIZE
-    lv = levels.to(torch.int32).reshape(n, g, GROUP_SIZE) + max_level(depth)
-    # planes[..., p, j] = digit of weight j in plane p
-    planes = torch.stack([(lv // 3 ** p) % 3 for p in range(depth)], dim=2)  # [n, g, d, 16]
-    body = _digits_to_bytes(planes[..., :15]).reshape(n, g, 3 * depth)
-    i = idx.to(torch.int32).reshape(n, g)
-    idx_digits = torch.stack([(i // 3 ** t) % 3 for t in range(INDEX_TRITS)], dim=-1)
-    tail = torch.cat([idx_digits, planes[..., 15]], dim=-1)  # [n, g, 3 + d]
-    pad = tail_bytes(depth) * TRITS_PER_BYTE - tail.shape[-1]
-    tail = torch.nn.functional.pad(tail, (0, pad))
-    tail = _digits_to_bytes(tail)
-    return torch.cat([body, tail], dim=-1).reshape(n, g * bytes_per_group(depth))
+    u = levels.to(torch.int32).reshape(-1) + max_level(depth)  # digits of u are the plane digits
+    spread = _plane_spread_table(depth, levels.device).index_select(0, u).reshape(n, g, GROUP_SIZE)
+    blocks = spread[..., :15].reshape(n, g, 3, TRITS_PER_BYTE)
+    # words[..., b] holds in field p the byte of plane p for weights 5b..5b+4.
+    words = blocks[..., 0] + 3 * blocks[..., 1] + 9 * blocks[..., 2] + 27 * blocks[..., 3] \
+        + 81 * blocks[..., 4]
+    body = torch.stack([(words >> (8 * p)) & 0xFF for p in range(depth)], dim=2)  # [n, g, d, 3]
+    # Tail digits idx0 idx1 idx2 plane0[15] plane1[15] | plane2[15] plane3[15]: the digits of
+    # weight 15's u, low planes first, continue the base-3 number after the index.
+    u15 = u.reshape(n, g, GROUP_SIZE)[..., 15]
+    tail = [idx.to(torch.int32) + 27 * (u15 % 9)]
+    if tail_bytes(depth) == 2:
+        tail.append(u15 // 9)
+    out = torch.cat([body.reshape(n, g, 3 * depth), torch.stack(tail, dim=-1)], dim=-1)
+    return out.to(torch.uint8).reshape(n, g * bytes_per_group(depth))
 
 
 def pack(levels: torch.Tensor, idx: torch.Tensor, depth: int) -> torch.Tensor:
@@ -133,18 +153,27 @@ def _unpack_rows(packed: torch.Tensor, depth: int):
     bpg = bytes_per_group(depth)
     grp = packed.reshape(n, -1, bpg)
     g = grp.shape[1]
-    body = _bytes_to_digits(grp[..., :3 * depth]).reshape(n, g, depth, 15)
-    tail = _bytes_to_digits(grp[..., 3 * depth:])
-    planes = torch.cat([body, tail[..., INDEX_TRITS:INDEX_TRITS + depth].unsqueeze(-1)], -1)
-    pow3 = torch.tensor([3 ** p for p in range(depth)], dtype=torch.int16, device=packed.device)
-    levels = (planes * pow3.view(depth, 1)).sum(2) - max_level(depth)  # [n, g, 16]
+    body = grp[..., :3 * depth].reshape(-1).to(torch.int32)
+    words = _byte_digits_table(packed.device).index_select(0, body).reshape(n, g, depth, 3)
+    # Field i of u_words[..., b] is u = level + L of weight 5b+i: sum_p 3^p digit_p <= 80.
+    u_words = words[:, :, 0]
+    for p in range(1, depth):
+        u_words = u_words + 3 ** p * words[:, :, p]
+    shifts = torch.arange(0, 8 * TRITS_PER_BYTE, 8, dtype=torch.int64, device=packed.device)
+    u_body = ((u_words.unsqueeze(-1) >> shifts) & 0xFF).reshape(n, g, 15)
+    # Tail digits idx0 idx1 idx2 u15_0 u15_1 | u15_2 u15_3 (see _pack_rows).
+    tail = trit_digits(grp[..., 3 * depth:]).flatten(-2)  # [n, g, 5 * tail bytes]
     idx = tail[..., 0] + 3 * tail[..., 1] + 9 * tail[..., 2]
+    u15 = sum(3 ** p * tail[..., INDEX_TRITS + p] for p in range(depth))
+    levels = torch.cat([u_body, u15.unsqueeze(-1).to(torch.int64)], dim=-1) - max_level(depth)
     return levels.reshape(n, g * GROUP_SIZE).to(torch.int8), idx.to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, depth: int, in_features: int):
     """Packed uint8 [N, G*B(d)] -> (levels int8 [N, K], idx uint8 [N, G]). The reference decoder:
-    it does not validate (call `validate` first), and returns exactly what `pack` was given."""
+    it does not validate (call `validate` first), and returns exactly what `pack` was given.
+    Unvalidated bytes still decode to levels in [-L, L] and indices in [0, 27): every digit is
+    read with the division-free rule, which keeps it in {0, 1, 2}."""
     check_depth(depth)
     g = num_groups(in_features)
     n = packed.shape[0]
@@ -194,7 +223,8 @@ def validate(packed: torch.Tensor, codebook: torch.Tensor, depth: int, in_featur
         first = int(bad.reshape(-1).nonzero()[0])
         r, col = divmod(first, packed.shape[1])
         raise ValueError(f"{name}: {nbad} corrupt packed byte(s) (a byte at or above its bound, "
-                         f"e.g. >= 243); first at row {r}, byte {col} (value {int(packed[r, col])})")
+                         f"e.g. >= 243); first at row {r}, byte {col} "
+                         f"(value {int(packed[r, col])})")
     tail0 = grp[..., 3 * depth].to(torch.int16)
     idx = tail0 % 27
     nidx = int((idx >= c).sum())
