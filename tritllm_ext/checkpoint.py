@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import format as fmt
-from .adopt import adopt_with_report
+from .adopt import NonConformingWeightError, adopt_with_report
 from .codec import TritWeight, quantize
 from .model import DEFAULT_SKIP, replace_module, quantizable_linears, tied_weight_keys
 from .nn import TRIT_BUFFERS, TritLinear, validate_modules
@@ -553,11 +553,11 @@ def _pack_matrix(name: str, weight: torch.Tensor, mode: str, depth: int, requant
         report = MatrixReport(name, tw.shape, tw.bits_per_weight)
     else:
         try:
-            tw, adopted = adopt_with_report(weight, depth=depth, strict=not requantize)
-        except ValueError as e:
-            raise CheckpointError(f"{name}.weight cannot be adopted exactly at depth {depth}: {e}. "
-                                  "Pass requantize=True (CLI: --requantize) to quantize the "
-                                  "non-conforming groups afresh, or mode='quantize'.") from None
+            tw, adopted = adopt_with_report(weight, depth=depth, strict=not requantize,
+                                            name=f"{name}.weight")
+        except NonConformingWeightError as e:
+            raise CheckpointError(f"adopt: {e} (here: requantize=True, on the command line "
+                                  "--requantize; or quantize the model afresh)") from None
         report = MatrixReport(name, tw.shape, tw.bits_per_weight, adopted.exact_groups,
                               adopted.requantized_groups)
     return tw.to("cpu"), report
