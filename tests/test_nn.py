@@ -150,14 +150,23 @@ def test_inference_only():
         assert layer(x).shape == (2, 8)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+def _check_compiled(backend, device):
     torch._dynamo.reset()
-    model = nn.Sequential(_layer(40, 70), nn.SiLU(), _layer(9, 40, bias=False))
+    model = nn.Sequential(_layer(40, 70), nn.SiLU(), _layer(9, 40, bias=False)).to(device)
     compiled = torch.compile(model, fullgraph=True, backend=backend)  # fails on any graph break
-    x = torch.randn(3, 70)
+    x = torch.randn(3, 70, device=device)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    _check_compiled(backend, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_compile_fullgraph_cuda():
+    _check_compiled("inductor", "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
