@@ -119,9 +119,10 @@ def main():
             print(f"{loader:16s} peak CUDA allocated {peak / 1e9:.3f} GB "
                   f"({peak / bound:.2f} of the bound)")
         growth = m["peak_rss"] - m["rss_before_load"]
-        print(f"{loader:16s} peak RSS {m['peak_rss'] / 1e9:.3f} GB = {m['rss_before_load'] / 1e9:.3f}"
-              f" GB before loading (Python, torch, transformers) + {growth / 1e9:.3f} GB while "
-              f"loading = {growth / bound:.2f} x the bound")
+        print(f"{loader:16s} peak RSS {m['peak_rss'] / 1e9:.3f} GB = "
+              f"{m['rss_before_load'] / 1e9:.3f} GB before loading (Python, torch, "
+              f"transformers) + {growth / 1e9:.3f} GB while loading = {growth / bound:.2f} x "
+              "the bound")
 
 
 if __name__ == "__main__":

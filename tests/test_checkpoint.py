@@ -233,10 +233,11 @@ def _meta_version(tensors):
 BROKEN_TENSORS = {
     "missing packed tensor": (_drop(f"{PROJECTION}.trit_codebook"),
                               rf"missing tensor {PROJECTION}\.trit_codebook"),
-    "missing plain tensor": (_drop("model.norm.weight"), r"missing tensor\(s\) model\.norm\.weight"),
+    "missing plain tensor": (_drop("model.norm.weight"),
+                             r"missing tensor\(s\) model\.norm\.weight"),
     "unexpected tensor": (_set("model.extra.weight", torch.zeros(3)),
                           r"unexpected tensor\(s\) model\.extra\.weight"),
-    "wrong packed shape": (_set(f"{PROJECTION}.trit_packed", torch.zeros(72, 30, dtype=torch.uint8)),
+    "wrong packed shape": (_set(f"{PROJECTION}.trit_packed", torch.zeros(72, 30).byte()),
                            rf"{PROJECTION}\.trit_packed has shape \(72, 30\), expected \(72, 35\)"),
     "wrong plain shape": (_set("model.norm.weight", torch.ones(71)),
                           r"model\.norm\.weight has shape \(71,\), expected \(72,\)"),

@@ -17,7 +17,8 @@ import tritllm_ext
 from tritllm_ext import TritLinear, dequantize_model, quantize_model, save
 from tritllm_ext.checkpoint import CheckpointError, shard_files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the same tritllm_ext as this process (a source tree or an installed copy).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tritllm_ext.__file__)))
 PROJECTION = "model.layers.1.mlp.up_proj"
 
 
@@ -125,7 +126,8 @@ def test_unknown_format_version_in_config(saved, tmp_path):
 
 
 def _python(code):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ,
+               PYTHONPATH=PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
 

@@ -4,9 +4,16 @@ import copy
 
 import pytest
 import torch
+from tiny_models import (
+    LOGIT_TOLERANCE,
+    assert_logits_close,
+    greedy,
+    logits,
+    tiny_llama,
+    tiny_qwen2,
+    token_ids,
+)
 from torch import nn
-from tiny_models import (LOGIT_TOLERANCE, assert_logits_close, greedy, logits, tiny_llama,
-                         tiny_qwen2, token_ids)
 
 from tritllm_ext import TritLinear, dequantize_model, quantize_model
 from tritllm_ext.model import matches_skip, quantizable_linears

@@ -68,7 +68,8 @@ def test_from_trit_weight_and_state_dict_keys():
     bias = torch.randn(9)
     layer = TritLinear.from_trit_weight(tw, bias)
     assert set(layer.state_dict()) == {*TRIT_BUFFERS, "bias"}
-    assert torch.equal(layer.trit_packed, tw.packed) and torch.equal(layer.trit_codebook, tw.codebook)
+    assert torch.equal(layer.trit_packed, tw.packed)
+    assert torch.equal(layer.trit_codebook, tw.codebook)
     assert layer.trit_meta.tolist() == [fmt.FORMAT_VERSION, 3, 9, 40]
     assert (layer.in_features, layer.out_features, layer.depth) == (40, 9, 3)
     back = layer.trit_weight

@@ -1,4 +1,4 @@
-"""Packed checkpoints on disk: save, load, a streaming converter and info. Layout: docs/CHECKPOINTS.md.
+"""Packed checkpoints on disk: save, load, streaming conversion, info (docs/CHECKPOINTS.md).
 
 A packed checkpoint is a Hugging Face model directory whose safetensors shards
 (tritllm-0000i-of-0000n.safetensors, listed in tritllm.safetensors.index.json) store every
@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import format as fmt
 from .adopt import NonConformingWeightError, adopt_with_report
 from .codec import TritWeight, quantize
-from .model import DEFAULT_SKIP, replace_module, quantizable_linears, tied_weight_keys
+from .model import DEFAULT_SKIP, quantizable_linears, replace_module, tied_weight_keys
 from .nn import TRIT_BUFFERS, TritLinear, validate_modules
 
 QUANT_METHOD = "tritllm"
@@ -479,10 +479,10 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = None,
         if info.shape != tuple(empty.shape):
             raise CheckpointError(f"{info.file}: {name} has shape {info.shape}, expected "
                                   f"{tuple(empty.shape)}")
-        if empty.is_floating_point() and not _is_trit_key(name):
-            if info.dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}, expected a "
-                                      "floating-point dtype")
+        if (empty.is_floating_point() and not _is_trit_key(name)
+                and info.dtype not in _FLOAT_DTYPES):
+            raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}, expected a "
+                                  "floating-point dtype")
 
     by_file: dict[str, list[str]] = {}
     for name in expected:
