@@ -73,6 +73,15 @@ def test_tied_embeddings_and_biases(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+def test_from_pretrained_model_saves_with_tritllm_save(quantized, saved, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    save(model, tmp_path)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["quantization_config"]["modules"] == list(_trit_modules(quantized))
+    ids = token_ids()
+    assert torch.equal(logits(tritllm_ext.load(tmp_path), ids), logits(quantized, ids))
+
+
 def test_save_pretrained_is_refused(saved, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(saved)
     with pytest.raises(ValueError, match="not serializable"):
