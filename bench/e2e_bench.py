@@ -23,11 +23,17 @@ Measured per variant:
       often their top-1 tokens agree.
 --quantize-lm-head adds a variant with lm_head quantized too, reported separately.
 
+On the CPU the decoder layers repeat the values of the first one (--distinct-layers 1): each
+layer still has its own memory, so the bytes streamed per token are those of the full model,
+but the codec runs on one layer's matrices instead of a billion weights (it quantizes about a
+million weights per second on this 2-core machine).
+
 It prints a Markdown table and writes e2e_<device>.json and e2e_<device>.png to --out.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -45,7 +51,7 @@ if ROOT not in sys.path:
 
 from tritllm_ext.demo import build_random_llama, llama_config  # noqa: E402
 from tritllm_ext.generate import Generator  # noqa: E402
-from tritllm_ext.model import quantize_model  # noqa: E402
+from tritllm_ext.model import quantizable_linears  # noqa: E402
 from tritllm_ext.nn import TritLinear  # noqa: E402
 
 # The published configurations (config.json of meta-llama/Llama-3.1-8B and Llama-3.2-1B).
@@ -72,10 +78,10 @@ MODELS = {
 DEFAULTS = {
     "cuda": dict(model="llama-3.1-8b", baselines=["float16"], trit_dtypes=["float16"],
                  batch=[1, 8], prompt_len=128, new_tokens=256, prefill_len=2048, runs=5,
-                 compile=True),
+                 compile=True, distinct_layers=0),
     "cpu": dict(model="llama-3.2-1b", baselines=["float32", "bfloat16"],
-                trit_dtypes=["float32", "bfloat16"], batch=[1], prompt_len=128, new_tokens=256,
-                prefill_len=0, runs=3, compile=False),
+                trit_dtypes=["float32", "bfloat16"], batch=[1], prompt_len=128, new_tokens=32,
+                prefill_len=0, runs=3, compile=False, distinct_layers=1),
 }
 QUICK = {"cuda": dict(new_tokens=16, prefill_len=256, runs=2),
          "cpu": dict(prompt_len=16, new_tokens=8, prefill_len=0, runs=1)}
@@ -87,6 +93,39 @@ TARGETS = {"cuda": {"decode_b1_tokens_per_s": 400, "decode_speedup": 2.5,
                     "prefill_slowdown": 1.2, "quantized_bits_per_weight": 3.5,
                     "model_memory_gb": 5.5},
            "cpu": {"decode_speedup_vs_float32": 3.0}}
+
+
+def repeat_layers(model, distinct: int) -> None:
+    """Copy the weights of decoder layers 0..distinct-1 over the others, cyclically. Every layer
+    keeps its own memory, so a decode step streams exactly the bytes of the full model; only
+    the values repeat. It makes quantization `distinct`/num_layers as long, which matters on
+    the CPU: the codec quantizes about a million weights per second on one core there."""
+    layers = model.model.layers
+    with torch.no_grad():
+        for i in range(distinct, len(layers)):
+            for target, source in zip(layers[i].parameters(), layers[i % distinct].parameters()):
+                target.copy_(source)
+
+
+def quantize_in_place(model, depth: int, distinct: int) -> None:
+    """quantize_model's replacement of every nn.Linear but lm_head by a TritLinear, except that
+    with `distinct` > 0 only layers 0..distinct-1 go through the codec and the later layers,
+    which repeat them (repeat_layers), get their own copies of the packed bytes."""
+    by_name = {}
+    for name in quantizable_linears(model, skip=("lm_head",)):
+        parts = name.split(".")
+        source = name
+        if distinct and parts[:2] == ["model", "layers"]:
+            parts[2] = str(int(parts[2]) % distinct)
+            source = ".".join(parts)
+        if source in by_name:
+            layer = copy.deepcopy(by_name[source])
+        else:
+            layer = TritLinear.from_linear(model.get_submodule(name), depth=depth)
+        by_name[name] = layer
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    model.requires_grad_(False)
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -263,6 +302,9 @@ def run(args, log=print) -> dict:
     t0 = time.perf_counter()
     model = build_random_llama(config, dtype=dtype_of(args.baselines[0]), device=device,
                                seed=SEED)
+    if args.distinct_layers and args.distinct_layers < config.num_hidden_layers:
+        repeat_layers(model, args.distinct_layers)
+        log(f"  layers repeat the first {args.distinct_layers} (each with its own memory)")
     log(f"  built in {time.perf_counter() - t0:.1f} s")
     logit_ids = random_prompt(1, min(args.prompt_len, 128), vocab, device)
     variants, reference = [], None
@@ -272,7 +314,7 @@ def run(args, log=print) -> dict:
         reference = logits if reference is None else reference
         variants.append(v)
     t0 = time.perf_counter()
-    quantize_model(model, depth=args.depth, skip=("lm_head",), progress=False)
+    quantize_in_place(model, args.depth, args.distinct_layers)
     if device.type == "cuda":
         torch._dynamo.reset()  # drop compiled code that refers to the floating-point layers
     log(f"quantized at depth {args.depth} in {time.perf_counter() - t0:.1f} s")
@@ -299,6 +341,7 @@ def run(args, log=print) -> dict:
                                                        "num_key_value_heads", "vocab_size")},
             "depth": args.depth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "prefill_len": args.prefill_len, "runs": args.runs, "quick": args.quick,
+            "distinct_layers": args.distinct_layers or config.num_hidden_layers,
             "command": " ".join(sys.argv), "variants": variants}
 
 
@@ -436,6 +479,9 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(MODELS), help="shapes to build (default: "
                    "llama-3.1-8b on CUDA, llama-3.2-1b on CPU)")
     p.add_argument("--layers", type=int, default=0, help="keep only this many decoder layers")
+    p.add_argument("--distinct-layers", type=int, help="decoder layers with their own random "
+                   "values; the others repeat them and are quantized by copy (default: all on "
+                   "CUDA, 1 on CPU, where the codec is slow)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on CUDA, "
                    "1 on CPU)")
     p.add_argument("--prompt-len", type=int)
