@@ -290,12 +290,26 @@ def measure_variant(name: str, model, args, device, vocab, reference_logits, log
     return variant, logits
 
 
-def run(args, log=print) -> dict:
+def run(args, log=print, save=lambda result: None) -> dict:
+    """Builds, measures and returns the result; `save(result)` is called after each variant,
+    so that a run cut short still leaves what it measured."""
     device = torch.device(args.device)
     config = llama_config(**MODELS[args.model])
     if args.layers:
         config.num_hidden_layers = args.layers
     vocab = config.vocab_size
+    variants = []
+    result = {"benchmark": "e2e", "date": datetime.date.today().isoformat(),
+              "device": device_name(device), "device_type": device.type,
+              "torch": torch.__version__, "model": args.model,
+              "config": {k: getattr(config, k) for k in (
+                  "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "vocab_size")},
+              "depth": args.depth, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
+              "runs": args.runs, "quick": args.quick,
+              "distinct_layers": args.distinct_layers or config.num_hidden_layers,
+              "command": " ".join(sys.argv), "variants": variants}
     torch.manual_seed(SEED)
     log(f"building {args.model} ({config.num_hidden_layers} layers) with random weights in "
         f"{args.baselines[0]} on {device_name(device)}")
@@ -307,12 +321,13 @@ def run(args, log=print) -> dict:
         log(f"  layers repeat the first {args.distinct_layers} (each with its own memory)")
     log(f"  built in {time.perf_counter() - t0:.1f} s")
     logit_ids = random_prompt(1, min(args.prompt_len, 128), vocab, device)
-    variants, reference = [], None
+    reference = None
     for dtype in args.baselines:
         model = model.to(dtype_of(dtype))
         v, logits = measure_variant(dtype, model, args, device, vocab, reference, logit_ids, log)
         reference = logits if reference is None else reference
         variants.append(v)
+        save(result)
     t0 = time.perf_counter()
     quantize_in_place(model, args.depth, args.distinct_layers)
     if device.type == "cuda":
@@ -324,6 +339,7 @@ def run(args, log=print) -> dict:
         v, trit_logits[dtype] = measure_variant(f"trit d={args.depth} ({dtype})", model, args,
                                                 device, vocab, reference, logit_ids, log)
         variants.append(v)
+        save(result)
     if args.quantize_lm_head:
         model.lm_head = TritLinear.from_linear(model.lm_head, depth=args.depth)
         dtype = args.trit_dtypes[-1]
@@ -332,17 +348,8 @@ def run(args, log=print) -> dict:
         v["logits_vs_trit_fp_lm_head"] = compare_logits(logits, trit_logits[dtype])
         v["optional"] = True
         variants.append(v)
-    return {"benchmark": "e2e", "date": datetime.date.today().isoformat(),
-            "device": device_name(device), "device_type": device.type,
-            "torch": torch.__version__, "model": args.model,
-            "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size",
-                                                       "num_hidden_layers",
-                                                       "num_attention_heads",
-                                                       "num_key_value_heads", "vocab_size")},
-            "depth": args.depth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "prefill_len": args.prefill_len, "runs": args.runs, "quick": args.quick,
-            "distinct_layers": args.distinct_layers or config.num_hidden_layers,
-            "command": " ".join(sys.argv), "variants": variants}
+        save(result)
+    return result
 
 
 def _gb(n) -> str:
@@ -500,7 +507,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="few tokens and runs: a smoke test")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"),
                    help="folder for e2e_<device>.json and .png")
-    p.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run")
+    p.add_argument("--from-json", metavar="JSON", help="print the table of an earlier (or "
+                   "interrupted) run and redraw its plot; measures nothing")
     args = p.parse_args(argv)
     settings = dict(DEFAULTS[args.device])
     if args.quick:
@@ -515,34 +523,43 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.plot_only:
-        with open(args.plot_only) as f:
-            result = json.load(f)
-        path = os.path.splitext(args.plot_only)[0] + ".png"
-        print(f"wrote {path}" if plot(result, path) else "matplotlib is not installed")
-        return 0
-    result = run(args, log=lambda s: print(s, flush=True))
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"e2e_{result['device_type']}{'_quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print()
+def report(result: dict, stem: str) -> None:
+    """Prints the table and the targets of `result`, and draws stem.png."""
     print(f"{result['model']} shapes, d={result['depth']}, prompt {result['prompt_len']}, "
           f"{result['new_tokens']} new tokens, median of {result['runs']} runs, "
           f"{result['device']}, torch {result['torch']}, {result['date']}")
     print(table(result))
-    lg = [v for v in result["variants"] if "logits_vs_trit_fp_lm_head" in v]
-    for v in lg:
-        d = v["logits_vs_trit_fp_lm_head"]
-        print(f"{v['name']}: logits vs the same model with a floating-point lm_head: max |d| "
-              f"{d['max_abs_diff']:.3g}, mean |d| {d['mean_abs_diff']:.3g}, top-1 agreement "
-              f"{d['top1_agreement']:.2f}")
-    for line in target_report(result):
-        print(line)
-    print(f"wrote {stem}.json" + (f" and {stem}.png" if plot(result, stem + ".png")
-                                   else " (no plot: matplotlib is not installed)"))
+    for v in result["variants"]:
+        d = v.get("logits_vs_trit_fp_lm_head")
+        if d:
+            print(f"{v['name']}: logits vs the same model with a floating-point lm_head: "
+                  f"max |d| {d['max_abs_diff']:.3g}, mean |d| {d['mean_abs_diff']:.3g}, "
+                  f"top-1 agreement {d['top1_agreement']:.2f}")
+    if any(v["quantized"]["weights"] for v in result["variants"]):
+        for line in target_report(result):
+            print(line)
+    print(f"plot: {stem}.png" if plot(result, stem + ".png")
+          else "no plot: matplotlib is not installed")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report(json.load(f), os.path.splitext(args.from_json)[0])
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"e2e_{args.device}{'_quick' if args.quick else ''}")
+
+    def save(result):
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+
+    started = time.perf_counter()
+    result = run(args, log=lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}",
+                                              flush=True), save=save)
+    print(f"\nwrote {stem}.json")
+    report(result, stem)
     return 0
 
 
