@@ -55,8 +55,9 @@ import torch
 from . import codec
 from . import format as fmt
 
-# Groups per chunk of the scale search: 2^14 groups = 2^18 weights (4 MB of float64 bounds each),
-# and per chunk of the exhaustive search (16 * 16 * L float64 values per group).
+# Chunks: the scale search holds [groups, L, 16] float64 temporaries, at most 2^20 elements
+# (8 MB); computing levels holds [groups, 16]; the exhaustive search [groups, 16, 16 L].
+_CHUNK_ELEMENTS = 1 << 20
 _CHUNK_GROUPS = 1 << 14
 _CHUNK_HARD_GROUPS = 64
 
@@ -171,6 +172,10 @@ def _f32_step(x: torch.Tensor, step: int) -> torch.Tensor:
     return (x.view(torch.int32) + step).view(torch.float32)
 
 
+def _f32_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).view(torch.float32)
+
+
 def _is_odd_f32(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) & 1) == 1
 
@@ -211,7 +216,8 @@ def _product_bounds(mag: torch.Tensor):
 def _ceil_f32(x: torch.Tensor) -> torch.Tensor:
     """The smallest float32 >= each float64 x."""
     c = x.to(torch.float32)
-    return torch.where(c.to(torch.float64) < x, torch.nextafter(c, torch.full_like(c, torch.inf)), c)
+    return torch.where(c.to(torch.float64) < x, torch.nextafter(c, torch.full_like(c, torch.inf)),
+                       c)
 
 
 def _floor_f32(x: torch.Tensor) -> torch.Tensor:
@@ -252,11 +258,11 @@ def _weight_bounds(chunk):
     return a, b, (chunk != 0) | torch.signbit(chunk)
 
 
-def _interval_of(a, b, constrained, levels):
-    """The float32 scales [lo, hi] that reproduce every weight at these level magnitudes
-    (float64 [..., 16, ...] aligned with a and b; reduced over dim 1)."""
-    lo = torch.where(constrained, a / levels, -torch.inf).amax(1)
-    hi = torch.where(constrained, b / levels, torch.inf).amin(1)
+def _interval_of(a, b, constrained, levels, dim):
+    """The float32 scales [lo, hi] that reproduce every weight at these level magnitudes:
+    [ceil_f32(max A / l), floor_f32(min B / l)] over the constraining weights along `dim`."""
+    lo = torch.where(constrained, a / levels, -torch.inf).amax(dim)
+    hi = torch.where(constrained, b / levels, torch.inf).amin(dim)
     return _ceil_f32(lo).clamp(min=_SMALLEST_F32), _floor_f32(hi)
 
 
@@ -269,19 +275,19 @@ class _Items:
 
 
 def _fast_alternatives(mag32, a, b, constrained, lmax):
-    """For each top level m: levels round(|w| / (max|w| / m)) (at least 1 for a constraining
-    weight) and the interval they allow. Returns float32 lo, hi [g, L]. It finds every scale
-    that fits whenever each weight's rounding error is below a quarter of the scale (so for any
-    scale above 2^-22 in float16, 2^-130 in bfloat16), and usually beyond."""
-    group_max = mag32.amax(-1, keepdim=True)
-    lo = torch.empty(mag32.shape[0], lmax, dtype=torch.float32, device=mag32.device)
-    hi = torch.empty_like(lo)
-    for m in range(1, lmax + 1):
-        s0 = torch.where(group_max > 0, group_max / m, torch.ones_like(group_max))
-        levels = torch.div(mag32, s0).round_().clamp_(min=1).to(torch.float64)
-        lo[:, m - 1], hi[:, m - 1] = _interval_of(a, b, constrained, levels)
+    """For each top level m = 1..L: levels round(|w| / (max|w| / m)) (at least 1 for a
+    constraining weight) and the interval they allow. Returns float32 lo, hi [g, L]. It finds
+    every scale that fits whenever each weight's rounding error is below a quarter of the scale
+    (so for any scale above 2^-22 in float16, 2^-130 in bfloat16), and usually beyond."""
+    mag = mag32.to(torch.float64).unsqueeze(1)  # [g, 1, 16]; float64: s0 must not round
+    group_max = mag.amax(-1, keepdim=True)  # [g, 1, 1]
+    m = torch.arange(1, lmax + 1, dtype=torch.float64, device=mag.device).view(1, -1, 1)
+    s0 = torch.where(group_max > 0, group_max / m, torch.ones_like(m))  # [g, L, 1]
+    levels = torch.div(mag, s0).round_().clamp_(min=1)  # [g, L, 16], at most m: |w| <= max|w|
+    con = constrained.unsqueeze(1)
+    lo, hi = _interval_of(a.unsqueeze(1), b.unsqueeze(1), con, levels, dim=-1)
     # Zeros only (with a -0.0): every m gives the same levels; keep m = 1.
-    hi[group_max.squeeze(-1) == 0, 1:] = 0
+    hi[group_max.view(-1) == 0, 1:] = 0
     return lo, hi
 
 
@@ -295,13 +301,12 @@ def _exhaustive_alternatives(a, b, constrained, lmax):
     levels = (a.unsqueeze(-1) / c).ceil_().clamp_(min=1)  # [g, 16, C]
     con = constrained.unsqueeze(-1)
     fits = ((levels <= lmax) & (levels * c <= b.unsqueeze(-1)) | ~con).all(1)  # [g, C]
-    lo, hi = _interval_of(a.unsqueeze(-1), b.unsqueeze(-1), con, levels)
+    lo, hi = _interval_of(a.unsqueeze(-1), b.unsqueeze(-1), con, levels, dim=1)
     rows, cols = fits.nonzero(as_tuple=True)
     # Many candidates share an interval: keep one (row, lo, hi) of each.
     key = torch.stack([rows, lo[rows, cols].view(torch.int32).long(),
                        hi[rows, cols].view(torch.int32).long()], dim=1).unique(dim=0)
-    as_f32 = lambda column: column.to(torch.int32).view(torch.float32)  # noqa: E731
-    return key[:, 0], as_f32(key[:, 1]), as_f32(key[:, 2])
+    return key[:, 0], _f32_of_bits(key[:, 1]), _f32_of_bits(key[:, 2])
 
 
 def _scale_alternatives(groups, depth):
@@ -310,8 +315,9 @@ def _scale_alternatives(groups, depth):
     lmax = fmt.max_level(depth)
     tiny = torch.finfo(groups.dtype).tiny  # below it, rounding errors are absolute
     out_group, out_lo, out_hi, plus_zero = [], [], [], []
-    for start in range(0, groups.shape[0], _CHUNK_GROUPS):
-        chunk = groups[start:start + _CHUNK_GROUPS]
+    step = max(1, _CHUNK_ELEMENTS // (fmt.GROUP_SIZE * lmax))  # [step, L, 16] float64 temporaries
+    for start in range(0, groups.shape[0], step):
+        chunk = groups[start:start + step]
         mag32 = chunk.abs().to(torch.float32)
         a, b, constrained = _weight_bounds(chunk)
         lo, hi = _fast_alternatives(mag32, a, b, constrained, lmax)

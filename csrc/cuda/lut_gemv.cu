@@ -1,0 +1,539 @@
+// The decode kernel: out [M, N] = x [M, K] @ W.T for M <= 16 at depth 1 and 2, reading the
+// canonical packed bytes once and never materializing W. Design notes and measurements:
+// docs/KERNEL_NOTES.md.
+//
+// Work split. K is cut into runs of 16 groups (256 weights). A warp owns one run and walks over
+// blocks of 16 rows; the warps of a block own consecutive runs (a "split" of K) and add their
+// partial products in shared memory in a fixed order, so results are deterministic. When K has
+// more runs than a block has warps, splits write float32 partials that a second kernel adds.
+// Blocks are persistent: each builds its tables once and then takes tiles (split, R row
+// blocks).
+//
+// Inside a warp (lane = 4g + t) the tensor-core product mma.m16n8k16 does the arithmetic:
+//   A (16 x 16) = dequantized weights: rows g and g + 8 of the warp's 16-row block,
+//   B (16 x 8)  = activations: column g is token g (a second product for tokens 8..15),
+//   C (16 x 8)  = float32 partial sums.
+// The 16 K-slots of a k-step are not 16 consecutive weights: lane t contributes 4 weights of
+// "its" group (groups 4t..4t+3 of the run, one per k-step quarter), so every lane decodes whole
+// groups and needs one scale per group. The activations are loaded once per run in the matching
+// order.
+//
+// Decoding one group (d = 2: plane bytes P0b0 P0b1 P0b2 P1b0 P1b1 P1b2, tail T):
+//  * A byte v is looked up in a shared-memory table of 256 rows, one 8-byte entry per lane
+//    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
+//    digits as float16/bfloat16. One byte_perm turns the byte straight into its row address
+//    v * 256 + lane * 8.
+//  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
+//  * The fifth digit of a byte is v / 81, and the tail holds n15 = T / 27 and idx = T % 27.
+//    Both divisions are one multiply-high of the row address (exact for every byte and lane;
+//    tests/test_cuda_ops.py checks the identity), and idx * 256 + lane * 8 is the address of
+//    the scale entry {half2(s, s), half2(-L s, -L s)}.
+//  * Each pair of levels n becomes n * s - L * s in one paired FMA, rounded once.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "device_common.cuh"
+#include "launchers.h"
+
+namespace tritllm {
+namespace cuda {
+namespace {
+
+constexpr int kRunGroups = 16;       // groups of one warp's K-run (256 weights)
+constexpr int kGroupsPerLane = 4;    // lane 4g+t decodes groups 4t..4t+3 of rows g and g+8
+constexpr int kRowsPerSlab = 16;     // rows of W one warp multiplies at a time (a slab)
+constexpr int kMaxWarps = 16;        // warps per block: the runs of one split
+constexpr int kStages = 3;           // cp.async pipeline depth per warp
+constexpr int kTableRow = 256;       // bytes of one table row: 32 lanes x 8 bytes
+constexpr int kDigitTableBytes = 256 * kTableRow;
+constexpr int kScaleTableBytes = kMaxCodebook * kTableRow;
+constexpr int kWarpTileFloats = 2 * 16 * 8;  // one warp's C: 2 token tiles x 16 rows x 8 tokens
+constexpr int kMaxSlabsPerTile = 4;
+
+// floor(a / (81 * 256)) and floor(a / (27 * 256)) for a table address a = v * 256 + lane * 8:
+// they equal v / 81 and v / 27 for every byte v and lane (tests/test_cuda_ops.py).
+constexpr uint32_t kDiv81Rows = 207127;  // ceil(2^32 / 20736)
+constexpr uint32_t kDiv27Rows = 621379;  // ceil(2^32 / 6912)
+
+constexpr int row_bytes(int depth) { return kRunGroups * bytes_per_group(depth); }
+constexpr int stage_bytes(int depth) { return kRowsPerSlab * row_bytes(depth); }
+
+size_t shared_bytes(int depth, int warps, int blocks_per_tile) {
+  return size_t(kDigitTableBytes) + kScaleTableBytes +
+         size_t(warps) * kStages * stage_bytes(depth) +
+         size_t(blocks_per_tile) * warps * kWarpTileFloats * sizeof(float);
+}
+
+// Paired 16-bit arithmetic and the tensor-core product for each activation type, on pairs held
+// in 32-bit registers. A level n (0..12) becomes a number by writing it into the mantissa of
+// kMagic (n + kMagicValue exactly) and subtracting kMagicValue.
+template <typename T>
+struct Pair;
+
+template <>
+struct Pair<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
+  static constexpr float kMagicValue = 1024.f;
+  __device__ static __forceinline__ __half2 as(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+  __device__ static __forceinline__ uint32_t bits(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits(__hfma2(as(a), as(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, float b, uint32_t c) {
+    return bits(__hfma2(as(a), __float2half2_rn(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t add(uint32_t a, float b) {
+    return bits(__hadd2(as(a), __float2half2_rn(b)));
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+template <>
+struct Pair<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bfloat162(128, 128)
+  static constexpr float kMagicValue = 128.f;
+  __device__ static __forceinline__ __nv_bfloat162 as(uint32_t v) {
+    return *reinterpret_cast<__nv_bfloat162*>(&v);
+  }
+  __device__ static __forceinline__ uint32_t bits(__nv_bfloat162 v) {
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits(__hfma2(as(a), as(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, float b, uint32_t c) {
+    return bits(__hfma2(as(a), __float2bfloat162_rn(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t add(uint32_t a, float b) {
+    return bits(__hadd2(as(a), __float2bfloat162_rn(b)));
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+__device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  // With a source size of 0 nothing is read and the 16 bytes are zero-filled.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global_src),
+               "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+#endif
+}
+
+struct LutParams {
+  const void* x;              // [tokens, in_features]
+  const uint8_t* packed;      // [rows, groups * B]
+  const float* codebook;
+  void* out;                  // [tokens, rows]
+  float* split_sums;          // [splits, tokens, rows] when splits > 1
+  int codebook_size;
+  int tokens;
+  int64_t rows;
+  int64_t in_features;
+  int64_t groups;
+  int runs;
+  int splits;
+  int warps;                  // runs per split = warps per block
+  int slabs;                  // 16-row blocks of W
+  int slabs_per_tile;
+  int slab_tiles;
+  int tiles;                  // splits * slab_tiles
+};
+
+// Byte `byte` of a lane's bytes (held in 32-bit words) -> its table address byte * 256 + lane * 8.
+// Called from fully unrolled loops, so `byte` is a constant and this is one PRMT.
+template <int kWords>
+__device__ __forceinline__ uint32_t table_address(const uint32_t (&word)[kWords], int byte,
+                                                  uint32_t lane_offset) {
+  return __byte_perm(word[byte / 4], lane_offset, 0x5504u | ((byte % 4) << 4));
+}
+
+// 8-byte entry at `offset` of a table whose shared-space address is `table` (the sum folds into
+// the load's addressing when `table` is warp-uniform).
+__device__ __forceinline__ uint2 load_entry(uint32_t table, uint32_t offset) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(table + offset));
+  return v;
+}
+
+// The 8 B-fragment registers of the lane's group `group` (0..3): dequantized weight pairs
+// (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15).
+template <int DEPTH, typename T, int kWords>
+__device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords], int group,
+                                                   uint32_t lane_offset, uint32_t digits,
+                                                   uint32_t scales, uint32_t (&w)[8]) {
+  using P = Pair<T>;
+  const int first = group * bytes_per_group(DEPTH);
+  uint32_t pair[6], top[3];
+#pragma unroll
+  for (int b = 0; b < 3; ++b) {  // weights 5b..5b+4
+    const uint32_t a0 = table_address(word, first + b, lane_offset);  // plane 0
+    const uint2 e0 = load_entry(digits, a0);
+    top[b] = __umulhi(a0, kDiv81Rows);
+    pair[2 * b] = e0.x;
+    pair[2 * b + 1] = e0.y;
+    if (DEPTH == 2) {
+      const uint32_t a1 = table_address(word, first + 3 + b, lane_offset);  // plane 1
+      const uint2 e1 = load_entry(digits, a1);
+      top[b] += 3 * __umulhi(a1, kDiv81Rows);
+      pair[2 * b] = P::fma(e1.x, 3.f, e0.x);
+      pair[2 * b + 1] = P::fma(e1.y, 3.f, e0.y);
+    }
+  }
+  const uint32_t tail = table_address(word, first + 3 * DEPTH, lane_offset);
+  const uint32_t n15 = __umulhi(tail, kDiv27Rows);
+  const uint2 scale = load_entry(scales, tail - 27u * 256u * n15);  // {s2, -L*s2}
+  // Levels of weights (4, 9) and (14, 15) as numbers: magic + n, minus magic.
+  const uint32_t q1 = P::add(top[0] + P::kMagic + (top[1] << 16), -P::kMagicValue);
+  const uint32_t q2 = P::add(top[2] + P::kMagic + (n15 << 16), -P::kMagicValue);
+#pragma unroll
+  for (int i = 0; i < 6; ++i) w[i] = P::fma(pair[i], scale.x, scale.y);
+  w[6] = P::fma(q1, scale.x, scale.y);
+  w[7] = P::fma(q2, scale.x, scale.y);
+}
+
+// Activations of this lane for one run: token g (xa) and token g + 8 (xb), in the slot order of
+// decode_group_pairs.
+template <typename T, bool kTwoTokenTiles>
+__device__ __forceinline__ void load_activations(const LutParams& p, int run, int g, int t,
+                                                 uint32_t (&xa)[kGroupsPerLane][8],
+                                                 uint32_t (&xb)[kGroupsPerLane][8]) {
+  const T* x = static_cast<const T*>(p.x);
+#pragma unroll
+  for (int half = 0; half < (kTwoTokenTiles ? 2 : 1); ++half) {
+    const int m = g + 8 * half;
+#pragma unroll
+    for (int c = 0; c < kGroupsPerLane; ++c) {
+      const int64_t k0 = (int64_t(run) * kRunGroups + t * kGroupsPerLane + c) * kGroupSize;
+      uint32_t lin[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float v[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = k0 + 2 * i + h;
+          v[h] = (m < p.tokens && k < p.in_features) ? to_float(x[m * p.in_features + k]) : 0.f;
+        }
+        lin[i] = pack2<T>(v[0], v[1]);
+      }
+      uint32_t(&dst)[8] = half == 0 ? xa[c] : xb[c];
+      dst[0] = lin[0];                               // x0 x1
+      dst[1] = lin[1];                               // x2 x3
+      dst[2] = __byte_perm(lin[2], lin[3], 0x5432);  // x5 x6
+      dst[3] = __byte_perm(lin[3], lin[4], 0x5432);  // x7 x8
+      dst[4] = lin[5];                               // x10 x11
+      dst[5] = lin[6];                               // x12 x13
+      dst[6] = __byte_perm(lin[2], lin[4], 0x7610);  // x4 x9
+      dst[7] = lin[7];                               // x14 x15
+    }
+  }
+}
+
+template <int DEPTH, typename T, bool kTwoTokenTiles>
+__global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutParams p) {
+  using P = Pair<T>;
+  constexpr int kB = bytes_per_group(DEPTH);
+  constexpr int kRowBytes = row_bytes(DEPTH);
+  constexpr int kStageBytes = stage_bytes(DEPTH);
+  constexpr int kChunks = kStageBytes / 16;
+  constexpr int kLaneBytes = kGroupsPerLane * kB;  // 28 (d=2) or 16 (d=1) bytes per row
+  constexpr int kWords = kLaneBytes / 4;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* digits = smem;
+  uint8_t* scales = digits + kDigitTableBytes;
+  uint8_t* stages = scales + kScaleTableBytes;
+  const uint32_t digits_shared = static_cast<uint32_t>(__cvta_generic_to_shared(digits));
+  float* tile_sums = reinterpret_cast<float*>(stages + size_t(p.warps) * kStages * kStageBytes);
+
+  // Tables: every lane gets its own copy of each entry (row = 32 lanes x 8 bytes).
+  for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {
+    const uint32_t v = e / 16;
+    const uint32_t lo = pack2<T>(float(trit_digit(v, 0)), float(trit_digit(v, 1)));
+    const uint32_t hi = pack2<T>(float(trit_digit(v, 2)), float(trit_digit(v, 3)));
+    reinterpret_cast<uint4*>(digits + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
+  }
+  for (int e = threadIdx.x; e < kMaxCodebook * 16; e += blockDim.x) {
+    const int idx = e / 16;
+    // Indices >= codebook_size occur only in corrupt data (see unpack.cu).
+    const float s = to_float(from_float<T>(idx < p.codebook_size ? p.codebook[idx] : 0.f));
+    const float minus_ls = -max_level(DEPTH) * s;  // exact: L is 1 or 4
+    const uint32_t s2 = pack2<T>(s, s), o2 = pack2<T>(minus_ls, minus_ls);
+    reinterpret_cast<uint4*>(scales + idx * kTableRow)[e % 16] = make_uint4(s2, o2, s2, o2);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const uint32_t lane_offset = lane * 8;
+  uint8_t* my_stages = stages + size_t(warp) * kStages * kStageBytes;
+  const int R = p.slabs_per_tile;
+  const int my_tiles = blockIdx.x < p.tiles ? (p.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  const int items = my_tiles * R;  // item i: slab i % R of this block's tile i / R
+
+  auto item_tile = [&](int i) { return int(blockIdx.x) + (i / R) * int(gridDim.x); };
+
+  // Stage the 16 rows x 256 weights of item i: a contiguous run of kRowBytes bytes per row.
+  auto issue = [&](int i) {
+    if (i < items) {
+      const int tile = item_tile(i);
+      const int split = tile / p.slab_tiles;
+      const int slab = (tile % p.slab_tiles) * R + i % R;
+      const int run = split * p.warps + warp;
+      if (run < p.runs) {
+        uint8_t* dst = my_stages + (i % kStages) * kStageBytes;
+#pragma unroll
+        for (int c0 = 0; c0 < kChunks; c0 += 32) {
+          const int c = c0 + lane;
+          if (c < kChunks) {
+            const int r = c / (kRowBytes / 16), col = c % (kRowBytes / 16);
+            const int64_t row = int64_t(slab) * kRowsPerSlab + r;
+            const bool valid = row < p.rows;
+            const uint8_t* src =
+                valid ? p.packed + (row * p.groups + int64_t(run) * kRunGroups) * kB + col * 16
+                      : p.packed;
+            cp_async_16(dst + r * kRowBytes + col * 16, src, valid);
+          }
+        }
+      }
+    }
+    cp_async_commit();  // one group per item, empty or not, so the wait count below holds
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+
+  uint32_t xa[kGroupsPerLane][8], xb[kGroupsPerLane][8];
+  int loaded_run = -1;
+  for (int i = 0; i < items; ++i) {
+    issue(i + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+
+    const int tile = item_tile(i);
+    const int split = tile / p.slab_tiles;
+    const int slab_tile = tile % p.slab_tiles;
+    const int o = i % R;
+    const int run = split * p.warps + warp;
+    // acc[q] = C of token tile q: rows (g, g, g+8, g+8) x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if (run < p.runs) {
+      if (run != loaded_run) {
+        load_activations<T, kTwoTokenTiles>(p, run, g, t, xa, xb);
+        loaded_run = run;
+      }
+      const uint8_t* stage = my_stages + (i % kStages) * kStageBytes + t * kLaneBytes;
+      uint32_t word[2][kWords];  // this lane's bytes of rows g and g + 8
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* mine = stage + (g + 8 * h) * kRowBytes;
+        if constexpr (kLaneBytes % 16 == 0) {
+#pragma unroll
+          for (int q = 0; q < kWords / 4; ++q) {
+            const uint4 v = reinterpret_cast<const uint4*>(mine)[q];
+            word[h][4 * q] = v.x, word[h][4 * q + 1] = v.y;
+            word[h][4 * q + 2] = v.z, word[h][4 * q + 3] = v.w;
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < kWords; ++q) word[h][q] = reinterpret_cast<const uint32_t*>(mine)[q];
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < kGroupsPerLane; ++c) {
+        uint32_t wa[8], wb[8];  // rows g and g + 8
+        decode_group_pairs<DEPTH, T>(word[0], c, lane_offset, digits_shared,
+                                     digits_shared + kDigitTableBytes, wa);
+        decode_group_pairs<DEPTH, T>(word[1], c, lane_offset, digits_shared,
+                                     digits_shared + kDigitTableBytes, wb);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          P::mma(acc[0], wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1], xa[c][2 * j],
+                 xa[c][2 * j + 1]);
+          if (kTwoTokenTiles)
+            P::mma(acc[1], wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1], xb[c][2 * j],
+                   xb[c][2 * j + 1]);
+        }
+      }
+    }
+    __syncwarp();  // every lane has read stage i % kStages before it is refilled
+
+    // This warp's C, laid out [token tile][row 0..15][token 0..7] (conflict-free float2 stores).
+    float* mine_c = tile_sums + (o * p.warps + warp) * kWarpTileFloats;
+#pragma unroll
+    for (int q = 0; q < (kTwoTokenTiles ? 2 : 1); ++q) {
+      *reinterpret_cast<float2*>(mine_c + q * 128 + g * 8 + 2 * t) = make_float2(acc[q][0], acc[q][1]);
+      *reinterpret_cast<float2*>(mine_c + q * 128 + (g + 8) * 8 + 2 * t) =
+          make_float2(acc[q][2], acc[q][3]);
+    }
+
+    if (o == R - 1) {  // the tile is done: add the warps' partial products in warp order
+      __syncthreads();
+      const int active = min(p.warps, p.runs - split * p.warps);
+      const int per_slab = p.tokens * kRowsPerSlab;
+      for (int e = threadIdx.x; e < R * per_slab; e += blockDim.x) {
+        const int oo = e / per_slab, m = (e % per_slab) / kRowsPerSlab, n = e % kRowsPerSlab;
+        const int64_t row = (int64_t(slab_tile) * R + oo) * kRowsPerSlab + n;
+        if (row >= p.rows) continue;
+        const int at = (m / 8) * 128 + n * 8 + m % 8;
+        float sum = 0.f;
+        for (int w2 = 0; w2 < active; ++w2) sum += tile_sums[(oo * p.warps + w2) * kWarpTileFloats + at];
+        if (p.splits == 1)
+          static_cast<T*>(p.out)[m * p.rows + row] = from_float<T>(sum);
+        else
+          p.split_sums[(int64_t(split) * p.tokens + m) * p.rows + row] = sum;
+      }
+      __syncthreads();
+    }
+  }
+  cp_async_wait<0>();
+}
+
+template <typename T>
+__global__ void sum_splits_kernel(const float* __restrict__ split_sums, T* __restrict__ out,
+                                  int splits, int64_t count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum += split_sums[s * count + i];
+  out[i] = from_float<T>(sum);
+}
+
+template <int DEPTH, typename T, bool kTwoTokenTiles>
+void launch(LutParams p, const at::Tensor& out) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  auto kernel = lut_gemv_kernel<DEPTH, T, kTwoTokenTiles>;
+
+  // Split K so that a split has at most kMaxWarps runs and its shared memory fits.
+  p.splits = (p.runs + kMaxWarps - 1) / kMaxWarps;
+  p.warps = (p.runs + p.splits - 1) / p.splits;
+  while (shared_bytes(DEPTH, p.warps, 1) > props->sharedMemPerBlockOptin) {
+    ++p.splits;
+    p.warps = (p.runs + p.splits - 1) / p.splits;
+  }
+  p.slabs = int((p.rows + kRowsPerSlab - 1) / kRowsPerSlab);
+
+  // Resident blocks per SM with one slab per tile (more slabs per tile add a few KB only).
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int threads = p.warps * 32;
+  const int by_threads = props->maxThreadsPerMultiProcessor / threads;
+  const int by_regs = props->regsPerMultiprocessor / (std::max(attr.numRegs, 1) * threads);
+  const int by_smem = int(props->sharedMemPerMultiprocessor /
+                          (shared_bytes(DEPTH, p.warps, 1) + props->reservedSharedMemPerBlock));
+  const int capacity =
+      props->multiProcessorCount * std::max(1, std::min({by_threads, by_regs, by_smem}));
+
+  // Slabs per tile: the fewest tile rounds per block, counted in slabs; ties go to larger tiles
+  // (fewer block-wide reductions).
+  int best_r = 1;
+  int64_t best_cost = INT64_MAX;
+  for (int r = 1; r <= kMaxSlabsPerTile; ++r) {
+    if (shared_bytes(DEPTH, p.warps, r) > props->sharedMemPerBlockOptin) break;
+    const int64_t tiles = int64_t(p.splits) * ((p.slabs + r - 1) / r);
+    const int64_t cost = (tiles + capacity - 1) / capacity * r;
+    if (cost <= best_cost) {
+      best_cost = cost;
+      best_r = r;
+    }
+  }
+  p.slabs_per_tile = best_r;
+  p.slab_tiles = (p.slabs + best_r - 1) / best_r;
+  p.tiles = p.splits * p.slab_tiles;
+  const int grid = int(std::min<int64_t>(p.tiles, capacity));
+  const size_t smem = shared_bytes(DEPTH, p.warps, best_r);
+
+  at::Tensor split_sums;
+  if (p.splits > 1) {
+    split_sums = at::empty({p.splits, p.tokens, p.rows}, out.options().dtype(at::kFloat));
+    p.split_sums = split_sums.data_ptr<float>();
+  }
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  kernel<<<grid, threads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const int64_t count = int64_t(p.tokens) * p.rows;
+    sum_splits_kernel<T><<<(count + 255) / 256, 256, 0, stream>>>(
+        p.split_sums, static_cast<T*>(p.out), p.splits, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <int DEPTH, typename T>
+void launch_tokens(const LutParams& p, const at::Tensor& out) {
+  if (p.tokens <= 8)
+    launch<DEPTH, T, false>(p, out);
+  else
+    launch<DEPTH, T, true>(p, out);
+}
+
+}  // namespace
+
+bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
+  if (depth != 1 && depth != 2) return false;
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
+  if (props->major < 8) return false;
+  if (shared_bytes(int(depth), 1, 1) > props->sharedMemPerBlockOptin) return false;
+  const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
+  // Whole runs, and 16-byte aligned rows for the asynchronous copies.
+  return groups % kRunGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+}
+
+void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                   int64_t depth, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) <= kLutMaxTokens &&
+                  out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) == packed.size(0),
+              "tritllm: internal error: lut_gemv needs contiguous x [M <= 16, K], out [M, N]");
+  if (x.size(0) == 0 || packed.size(0) == 0) return;
+  LutParams p{};
+  p.x = x.data_ptr();
+  p.packed = packed.data_ptr<uint8_t>();
+  p.codebook = codebook.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.codebook_size = int(codebook.numel());
+  p.tokens = int(x.size(0));
+  p.rows = packed.size(0);
+  p.in_features = x.size(1);
+  p.groups = num_groups(p.in_features);
+  p.runs = int(p.groups / kRunGroups);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (depth == 1)
+    bf16 ? launch_tokens<1, __nv_bfloat16>(p, out) : launch_tokens<1, __half>(p, out);
+  else
+    bf16 ? launch_tokens<2, __nv_bfloat16>(p, out) : launch_tokens<2, __half>(p, out);
+}
+
+}  // namespace cuda
+}  // namespace tritllm
