@@ -164,52 +164,80 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
   const uint32_t lane_offset = lane * 8;
   uint8_t* my_stages = stages + size_t(warp) * kStages * kStageBytes;
   const int R = p.slabs_per_tile;
-  const int my_tiles = blockIdx.x < p.tiles ? (p.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  const int items = my_tiles * R;  // item i: slab i % R of this block's tile i / R
 
-  auto item_tile = [&](int i) { return int(blockIdx.x) + (i / R) * int(gridDim.x); };
+  // This block's work is a list of items (tile, o): tiles blockIdx.x, +gridDim.x, ..., and in
+  // each tile its R slabs. Two cursors walk it: the consumer, and the copy issuer kStages - 1
+  // items ahead. A cursor divides only when it enters a new tile.
+  struct Item {
+    int tile, o, split, slab;  // slab: the 16-row block this item multiplies
+    int stage;                 // its buffer, 0..kStages-1
+  };
+  auto enter_tile = [&](Item& it, int tile) {
+    it.tile = tile;
+    it.o = 0;
+    it.split = tile / p.slab_tiles;
+    it.slab = (tile - it.split * p.slab_tiles) * R;
+  };
+  auto advance = [&](Item& it) {
+    it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
+    if (++it.o < R) {
+      ++it.slab;
+    } else {
+      enter_tile(it, it.tile + gridDim.x);
+    }
+  };
 
-  // Stage the 16 rows x 256 weights of item i: a contiguous run of kRowBytes bytes per row.
-  auto issue = [&](int i) {
-    if (i < items) {
-      const int tile = item_tile(i);
-      const int split = tile / p.slab_tiles;
-      const int slab = (tile % p.slab_tiles) * R + i % R;
-      const int run = split * p.warps + warp;
-      if (run < p.runs) {
-        uint8_t* dst = my_stages + (i % kStages) * kStageBytes;
+  // The copies of one item: 16 rows x kRowBytes, in 16-byte chunks; chunk c = lane + 32q is
+  // row c / (kRowBytes / 16) of every item, at byte 16c of the stage, so its source offset is
+  // computed once.
+  constexpr int kChunkRounds = (kChunks + 31) / 32;
+  int chunk_row[kChunkRounds];
+  uint32_t chunk_src[kChunkRounds];
+  const int64_t row_stride = p.groups * kB;
 #pragma unroll
-        for (int c0 = 0; c0 < kChunks; c0 += 32) {
-          const int c = c0 + lane;
-          if (c < kChunks) {
-            const int r = c / (kRowBytes / 16), col = c % (kRowBytes / 16);
-            const int64_t row = int64_t(slab) * kRowsPerSlab + r;
-            const bool valid = row < p.rows;
-            const uint8_t* src =
-                valid ? p.packed + (row * p.groups + int64_t(run) * kRunGroups) * kB + col * 16
-                      : p.packed;
-            cp_async_16(dst + r * kRowBytes + col * 16, src, valid);
-          }
+  for (int q = 0; q < kChunkRounds; ++q) {
+    const int c = lane + 32 * q;
+    const int r = c / (kRowBytes / 16), col = c % (kRowBytes / 16);
+    chunk_row[q] = c < kChunks ? r : kRowsPerSlab;  // kRowsPerSlab: no chunk
+    chunk_src[q] = uint32_t(r * row_stride + col * 16);
+  }
+  auto issue = [&](const Item& it) {
+    const int run = it.split * p.warps + warp;
+    if (it.tile < p.tiles && run < p.runs) {
+      const uint8_t* base = p.packed + int64_t(it.slab) * kRowsPerSlab * row_stride +
+                            int64_t(run) * kRunGroups * kB;
+      const int64_t rows_left = p.rows - int64_t(it.slab) * kRowsPerSlab;
+      uint8_t* dst = my_stages + it.stage * kStageBytes;
+#pragma unroll
+      for (int q = 0; q < kChunkRounds; ++q) {
+        if (chunk_row[q] < kRowsPerSlab) {
+          const bool valid = chunk_row[q] < rows_left;
+          cp_async_16(dst + 16 * (lane + 32 * q), valid ? base + chunk_src[q] : p.packed, valid);
         }
       }
     }
     cp_async_commit();  // one group per item, empty or not, so the wait count below holds
   };
 
+  Item ahead{}, item{};
+  enter_tile(ahead, blockIdx.x);
+  enter_tile(item, blockIdx.x);
+  ahead.stage = item.stage = 0;
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(ahead);
+    advance(ahead);
+  }
 
   uint32_t xa[kGroupsPerLane][8], xb[kGroupsPerLane][8];
   int loaded_run = -1;
-  for (int i = 0; i < items; ++i) {
-    issue(i + kStages - 1);
+  for (; item.tile < p.tiles; advance(item)) {
+    issue(ahead);
+    advance(ahead);
     cp_async_wait<kStages - 1>();
     __syncwarp();
 
-    const int tile = item_tile(i);
-    const int split = tile / p.slab_tiles;
-    const int slab_tile = tile % p.slab_tiles;
-    const int o = i % R;
+    const int o = item.o, split = item.split;
     const int run = split * p.warps + warp;
     // acc[q] = C of token tile q: rows (g, g, g+8, g+8) x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
     // With one token tile, odd k-steps go to a second chain so that consecutive products do not
@@ -221,7 +249,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
         load_activations<T, kTwoTokenTiles>(p, run, g, t, xa, xb);
         loaded_run = run;
       }
-      const uint8_t* stage = my_stages + (i % kStages) * kStageBytes + t * kLaneBytes;
+      const uint8_t* stage = my_stages + item.stage * kStageBytes + t * kLaneBytes;
       uint32_t word[2][kWords];  // this lane's bytes of rows g and g + 8
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -256,7 +284,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[0][r] += acc_odd[0][r];
     }
-    __syncwarp();  // every lane has read stage i % kStages before it is refilled
+    __syncwarp();  // every lane has read this item's stage before it is refilled
 
     // This warp's C, laid out [token tile][row 0..15][token 0..7] (conflict-free float2 stores).
     float* mine_c = tile_sums + (o * p.warps + warp) * kWarpTileFloats;
@@ -273,7 +301,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
       const int per_slab = p.tokens * kRowsPerSlab;
       for (int e = threadIdx.x; e < R * per_slab; e += blockDim.x) {
         const int oo = e / per_slab, m = (e % per_slab) / kRowsPerSlab, n = e % kRowsPerSlab;
-        const int64_t row = (int64_t(slab_tile) * R + oo) * kRowsPerSlab + n;
+        const int64_t row = (int64_t(item.slab) - o + oo) * kRowsPerSlab + n;
         if (row >= p.rows) continue;
         const int at = (m / 8) * 128 + n * 8 + m % 8;
         float sum = 0.f;

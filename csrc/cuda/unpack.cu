@@ -23,6 +23,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kLutThreads = 1024;  // few, large blocks: each builds the 72 KB of tables once
 constexpr int kLutGroupsPerThread = 4;
 
 // float(level) without the conversion unit: the integer goes into the mantissa of 1.5 * 2^23.
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Persistent: each block builds the decoder's tables once, then walks over runs of 4 groups.
 template <int DEPTH, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kLutThreads)
     lut_unpack_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ codebook,
                       int codebook_size, T* __restrict__ out, int64_t rows, int64_t in_features) {
   constexpr int kB = bytes_per_group(DEPTH);
@@ -138,12 +139,12 @@ void launch_lut(const at::Tensor& packed, const at::Tensor& codebook, int64_t in
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       lut::kTableBytes));
   const int per_sm = std::max<int>(1, std::min<int>(
-      props->maxThreadsPerMultiProcessor / kThreads,
+      props->maxThreadsPerMultiProcessor / kLutThreads,
       props->sharedMemPerMultiprocessor / (lut::kTableBytes + props->reservedSharedMemPerBlock)));
   const int64_t runs = packed.size(0) * (in_features / (kLutGroupsPerThread * kGroupSize));
-  const int64_t blocks = std::min<int64_t>((runs + kThreads - 1) / kThreads,
+  const int64_t blocks = std::min<int64_t>((runs + kLutThreads - 1) / kLutThreads,
                                            int64_t(props->multiProcessorCount) * per_sm);
-  kernel<<<blocks, kThreads, lut::kTableBytes, at::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<blocks, kLutThreads, lut::kTableBytes, at::cuda::getCurrentCUDAStream()>>>(
       packed.data_ptr<uint8_t>(), codebook.data_ptr<float>(), int(codebook.numel()),
       reinterpret_cast<T*>(out.data_ptr()), packed.size(0), in_features);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
