@@ -210,6 +210,9 @@ def test_bench_runs_the_e2e_benchmark(tmp_path):
     assert names == ["float32", "bfloat16", "trit d=2 (float32)", "trit d=2 (bfloat16)"]
     assert all(v["decode"]["1"]["tokens_per_s"] > 0 for v in data["variants"])
     assert "| variant |" in result.stdout
+    again = run_cli("bench", "e2e", "--from-json", tmp_path / "e2e_cpu_quick.json")
+    assert again.returncode == 0, again.stderr
+    assert "| trit d=2 (float32) |" in again.stdout
 
 
 def test_bench_of_an_unknown_benchmark_is_a_usage_error():
