@@ -13,6 +13,7 @@ Environment:
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
 """
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -80,6 +81,18 @@ def _check_cuda_home():
         raise RuntimeError(f"CUDA_HOME={home} holds no CUDA toolkit (no include/cuda_runtime.h): "
                            "set CUDA_HOME to the toolkit's root (e.g. /usr/local/cuda), or build "
                            "without CUDA with TRITLLM_FORCE_CPU=1")
+
+
+def _cuda_library_include_dirs():
+    """ATen's CUDA headers include cuBLAS, cuSPARSE and cuSOLVER headers. A compiler-only CUDA
+    toolkit (as on the CI image) lacks them; then take them from the pip packages torch installs
+    its CUDA libraries from (nvidia/<package>/include), the headers of the very libraries torch
+    runs with."""
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = spec.submodule_search_locations if spec is not None else []
+    return sorted(d for root in roots for d in glob.glob(os.path.join(root, "*", "include")))
 
 
 def _cuda_arch_list():
@@ -157,7 +170,7 @@ def _extension():
         # No --use_fast_math: it flushes float32 denormals to zero, and the format defines a
         # weight as the exactly rounded float32 product codebook * level (docs/FORMAT.md).
         ext = cpp_extension.CUDAExtension(
-            "tritllm_ext._C", sources + cuda_sources,
+            "tritllm_ext._C", sources + cuda_sources, include_dirs=_cuda_library_include_dirs(),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=openmp)
     else:
