@@ -25,17 +25,24 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Kernel selection
 
-bool cpu_runs_avx2_fma() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+bool cpu_runs_avx2_fma() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
 }
+bool cpu_runs_avx512_vnni() {
+  return cpu_runs_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#else
+bool cpu_runs_avx2_fma() { return false; }
+bool cpu_runs_avx512_vnni() { return false; }
+#endif
 
 // The kernel sets this build has and this CPU can run, best first.
 std::vector<const KernelSet*> usable_kernels() {
   std::vector<const KernelSet*> sets;
+  if (avx512_kernels() != nullptr && cpu_runs_avx512_vnni()) sets.push_back(avx512_kernels());
   if (avx2_kernels() != nullptr && cpu_runs_avx2_fma()) sets.push_back(avx2_kernels());
   sets.push_back(&kScalarKernels);
   return sets;
@@ -54,7 +61,7 @@ const KernelSet* kernel_named(const std::string& name, const char* origin) {
   for (const KernelSet* k : sets) {
     if (name == k->name) return k;
   }
-  const bool known = name == "scalar" || name == "avx2";
+  const bool known = name == "scalar" || name == "avx2" || name == "avx512";
   TORCH_CHECK(false, "tritllm: ", origin, " asks for the CPU kernel '", name, "', which ",
               known ? "this build or this CPU does not support" : "does not exist",
               "; available here: auto, ", usable_names());
@@ -205,8 +212,9 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tritllm, m) {
-  // Which CPU kernel set the CPU ops use: select "scalar", "avx2" or "auto" (the best this CPU
-  // runs), or "" to only ask. Returns the active set's name. Tests use it to force each path.
+  // Which CPU kernel set the CPU ops use: select "scalar", "avx2", "avx512" or "auto" (the best
+  // this CPU runs), or "" to only ask. Returns the active set's name. Tests use it to force each
+  // path.
   m.def("_cpu_kernel(str select=\"\") -> str", &cpu_kernel_op);
   // The kernel sets this build and CPU can run, best first.
   m.def("_cpu_kernels_available() -> str[]", &cpu_kernels_available_op);
