@@ -92,11 +92,12 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
   GroupValues copy;
   for (int64_t g = 0; g < layout.padded_groups; ++g) {
     __m256i q = _mm256_setzero_si256();
-    corr[g] = 0;
+    int32_t* group_corr = corr + g * layout.corr_lanes;
+    for (int64_t lane = 0; lane < layout.corr_lanes; ++lane) group_corr[lane] = 0;
     step[g] = 0.0f;
     if (g < layout.groups) {
       q = quantize_group(group_with_predecessor(x, k_size, g, copy), levels, level_offset,
-                         &corr[g], &step[g]);
+                         group_corr, &step[g]);
     }
     if (!layout.blocked) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(integers + 16 * g), q);
@@ -122,9 +123,10 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
 PreparedLayout::PreparedLayout(int64_t rows, const PackedWeight& w)
     : blocked(rows >= kBlockedMinRows),
       groups(w.groups()),
-      padded_groups((w.groups() + 7) / 8 * 8) {
+      padded_groups((w.groups() + 7) / 8 * 8),
+      corr_lanes(blocked ? 1 : 8) {
   corr_offset = align32(padded_groups * kGroupSize * 2);
-  step_offset = corr_offset + align32(padded_groups * 4);
+  step_offset = corr_offset + align32(padded_groups * corr_lanes * 4);
   table_offset = step_offset + align32(padded_groups * 4);
   row_bytes = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
   row_bytes = (row_bytes + 63) / 64 * 64;

@@ -6,6 +6,7 @@
 //   integer   i_j = round(x_j / s), |i_j| <= Q, so |x_j - s i_j| <= s / 2 (2^-14 max|x| for Q = 8191)
 //   x'_j      i_j - 3 i_{j-1} for j % 5 != 0 and j < 15, else i_j  (|x'| <= 4 Q, fits int16)
 //   corr      -L * sum_j i_j   (the matmul kernels dot level + L with x', so they subtract L sum i)
+//             (see PreparedLayout::corr_lanes for its two layouts)
 // A group holding a NaN or an infinity gets s = NaN (and integers 0): the rows of y that use it
 // come out NaN.
 //
@@ -34,7 +35,9 @@ struct PreparedLayout {
   bool blocked;          // integers in blocked (transposed) order, no group scale table
   int64_t groups;        // G
   int64_t padded_groups; // G rounded up to a multiple of 8; the extra groups are zeros
-  int64_t corr_offset;   // int32 [padded_groups]
+  int64_t corr_lanes;    // 1 (blocked) or 8 (row pass: lane 0 holds corr, lanes 1-7 are 0, so
+                         // that a vector load adds it to one group's dot product)
+  int64_t corr_offset;   // int32 [padded_groups * corr_lanes]
   int64_t step_offset;   // float [padded_groups]: s of each group
   int64_t table_offset;  // float [groups * 27]: codebook[i] * s of group g at 27 g + i (if !blocked)
   int64_t row_bytes;

@@ -39,6 +39,10 @@ struct Context {
 // How many rows of W ahead of the one being computed the row pass prefetches.
 constexpr int kPrefetchRows = 2;
 
+// The "avx512" kernel set's functions: compiled for AVX-512 (F, BW, DQ, VL, VNNI) by this
+// attribute, called only on CPUs that have it.
+#define TRITLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
 // ---------------------------------------------------------------------------------------------
 // Row pass: one row of x against rows [n0, n1) of W.
 
@@ -54,7 +58,7 @@ __attribute__((always_inline)) inline void group_step(const QuotientDecoder<D>& 
   largest_index = i > largest_index ? i : largest_index;  // checked against the codebook size
   __m256i dot = _mm256_madd_epi16(
       decode(bytes), _mm256_load_si256(reinterpret_cast<const __m256i*>(integers + kGroupSize * g)));
-  dot = _mm256_add_epi32(dot, _mm256_castsi128_si256(_mm_cvtsi32_si128(corr[g])));
+  dot = _mm256_add_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(corr + 8 * g)));
   acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&table[kMaxCodebook * g + i]),
                         acc);
 }
@@ -108,10 +112,122 @@ bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check
   return !(check && largest_index >= c.w.codebook_size);
 }
 
+// The row pass with AVX-512: two groups per 512-bit register (group g in the low 256 bits, g + 1
+// in the high ones), so every instruction does the work of two AVX2 ones. The routes of the
+// AVX2 decoder serve both halves; at depths 1 and 2 both groups fit one 16-byte load, the high
+// half reading B bytes further. The row's corr values sit 8 int32 apart (corr_lanes), so one
+// 512-bit load gives both groups' corr in lanes 0 and 8.
 template <int D>
+struct WideQuotientDecoder {
+  static constexpr int kBytes = bytes_per_group(D);
+  static constexpr bool kOneLoad = 2 * kBytes <= 16;
+  __m512i shuffle[D], magic[D];
+
+  TRITLLM_TARGET_AVX512 WideQuotientDecoder() {
+    for (int p = 0; p < D; ++p) {
+      const PlaneRoute route = quotient_route(D, p);
+      alignas(64) uint8_t lanes[64];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), route.shuffle);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 32), route.shuffle);
+      if (kOneLoad) {
+        for (int i = 32; i < 64; ++i) lanes[i] = lanes[i] == 0x80 ? 0x80 : lanes[i] + kBytes;
+      }
+      shuffle[p] = _mm512_load_si512(lanes);
+      magic[p] = _mm512_broadcast_i64x4(route.magic);
+    }
+  }
+
+  // Q (decode.h) of groups g (low half) and g + 1 (high half), the first at `group`.
+  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i operator()(const uint8_t* group) const {
+    const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group));
+    const __m512i bytes =
+        kOneLoad ? _mm512_broadcast_i32x4(first)
+                 : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(first)),
+                                      _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                          reinterpret_cast<const __m128i*>(group + kBytes))),
+                                      1);
+    const __m512i three = _mm512_set1_epi16(3);
+    __m512i q = _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[D - 1]), magic[D - 1]);
+    for (int p = D - 2; p >= 0; --p) {
+      q = _mm512_add_epi16(_mm512_mullo_epi16(q, three),
+                           _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[p]), magic[p]));
+    }
+    return q;
+  }
+};
+
+// Groups g and g + 1 of W: as group_step, two at a time.
+template <int D>
+TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
+    const WideQuotientDecoder<D>& decode, const uint8_t* group, int64_t g, const uint8_t* index,
+    const int16_t* integers, const int32_t* corr, const float* table, __m512& acc,
+    unsigned& largest_index) {
+  constexpr int kBytes = bytes_per_group(D);
+  __m512i dot = _mm512_madd_epi16(decode(group), _mm512_loadu_si512(integers + kGroupSize * g));
+  dot = _mm512_add_epi32(dot, _mm512_loadu_si512(corr + 8 * g));
+  const unsigned i0 = index[group[3 * D]], i1 = index[group[kBytes + 3 * D]];
+  const unsigned larger = i0 > i1 ? i0 : i1;
+  largest_index = larger > largest_index ? larger : largest_index;
+  const __m512 scale = _mm512_insertf32x8(
+      _mm512_castps256_ps512(_mm256_broadcast_ss(&table[kMaxCodebook * g + i0])),
+      _mm256_broadcast_ss(&table[kMaxCodebook * (g + 1) + i1]), 1);
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+}
+
+template <int D>
+TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64_t n0, int64_t n1,
+                                           bool check) {
+  constexpr int kBytes = bytes_per_group(D);
+  const WideQuotientDecoder<D> wide;
+  const QuotientDecoder<D> decode = c.decode;  // for a last, odd group
+  const int64_t groups = c.w.groups();
+  const int64_t row_bytes = c.w.row_bytes();
+  const uint8_t* const end = c.w.bytes + c.w.out_features * row_bytes;
+  const uint8_t* const index = c.tables.index;
+  const int16_t* const integers = c.layout.integers(c.a.prepared, m);
+  const int32_t* const corr = c.layout.corr(c.a.prepared, m);
+  const float* const table = c.layout.scale_table(c.a.prepared, m);
+  unsigned largest_index = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = c.w.row(n);
+    if (check && !c.checker.ok(row, row_bytes)) return false;
+    // pairs of groups whose loads stay inside the buffer (the second group's 16 bytes end last)
+    int64_t direct = groups;
+    if (end - row < groups * kBytes + 16) {
+      direct = end - row >= 16 + kBytes ? (end - row - 16) / kBytes : 0;
+    }
+    const int64_t later = n + kPrefetchRows < c.w.out_features ? n + kPrefetchRows : n;
+    const char* ahead = reinterpret_cast<const char*>(c.w.row(later));
+    // two accumulators: consecutive pairs do not wait for each other's FMA
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 3 < direct; g += 4) {
+      if (g % 8 == 0) _mm_prefetch(ahead + g * kBytes, _MM_HINT_T0);  // 56 bytes per line
+      pair_step<D>(wide, row + g * kBytes, g, index, integers, corr, table, even, largest_index);
+      pair_step<D>(wide, row + (g + 2) * kBytes, g + 2, index, integers, corr, table, odd,
+                   largest_index);
+    }
+    for (; g + 1 < direct; g += 2) {
+      pair_step<D>(wide, row + g * kBytes, g, index, integers, corr, table, even, largest_index);
+    }
+    __m256 rest = _mm256_setzero_ps();
+    for (; g < groups; ++g) {
+      const uint8_t* group = row + g * kBytes;
+      group_step<D>(decode, c.load(group), group[3 * D], g, index, integers, corr, table, rest,
+                    largest_index);
+    }
+    c.y[m * c.w.out_features + n] =
+        _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + horizontal_sum(rest);
+  }
+  return !(check && largest_index >= c.w.codebook_size);
+}
+
+template <int D, bool kAvx512>
 bool row_passes(const Context<D>& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool check) {
   for (int64_t m = m0; m < m1; ++m) {
-    if (!row_pass(c, m, n0, n1, check)) return false;
+    if (!(kAvx512 ? row_pass_avx512(c, m, n0, n1, check) : row_pass(c, m, n0, n1, check))) {
+      return false;
+    }
     check = false;  // the first pass checked these rows of W
   }
   return true;
@@ -240,7 +356,6 @@ void strip_row_product(const Context<D>& c, const DecodedStrip& strip, int64_t i
 // AVX2's multiply-add + add). MR rows of x share every load of W; each accumulator is split
 // over even and odd steps so that consecutive vpdpwssd do not wait for each other.
 // Compiled for AVX-512 by a function attribute; called only where the CPU has it.
-#define TRITLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 template <int D, int MR>
 TRITLLM_TARGET_AVX512 void strip_product_avx512(const Context<D>& c, const DecodedStrip& strip,
@@ -347,7 +462,7 @@ bool matmul_tile_at_depth(const Activations& a, const PackedWeight& w, int64_t m
                           int64_t n0, int64_t n1, bool check, float* y) {
   const Context<D> c(a, w, y);
   if (c.layout.blocked) return blocked<D, kAvx512>(c, m0, m1, n0, n1, check);
-  return row_passes(c, m0, m1, n0, n1, check);
+  return row_passes<D, kAvx512>(c, m0, m1, n0, n1, check);
 }
 
 template <bool kAvx512>
