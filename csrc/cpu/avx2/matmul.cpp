@@ -46,19 +46,18 @@ constexpr int kPrefetchRows = 2;
 // ---------------------------------------------------------------------------------------------
 // Row pass: one row of x against rows [n0, n1) of W.
 
-// One group of W: dot product of its quotients with the row's integers (exact in int32), minus
-// L * sum (corr), times codebook[idx] * s (the row's scale table); notes the largest scale index.
+// One group of W: dot product of its quotients with the row's integers (exact in int32), times
+// codebook[idx] * s (the row's scale table); notes the largest scale index.
 template <int D>
 __attribute__((always_inline)) inline void group_step(const QuotientDecoder<D>& decode,
                                                       __m256i bytes, unsigned tail0, int64_t g,
                                                       const uint8_t* index, const int16_t* integers,
-                                                      const int32_t* corr, const float* table,
-                                                      __m256& acc, unsigned& largest_index) {
+                                                      const float* table, __m256& acc,
+                                                      unsigned& largest_index) {
   const unsigned i = index[tail0];
   largest_index = i > largest_index ? i : largest_index;  // checked against the codebook size
-  __m256i dot = _mm256_madd_epi16(
+  const __m256i dot = _mm256_madd_epi16(
       decode(bytes), _mm256_load_si256(reinterpret_cast<const __m256i*>(integers + kGroupSize * g)));
-  dot = _mm256_add_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(corr + 8 * g)));
   acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&table[kMaxCodebook * g + i]),
                         acc);
 }
@@ -74,7 +73,6 @@ bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check
   const QuotientDecoder<D> decode = c.decode;
   const uint8_t* const index = c.tables.index;
   const int16_t* const integers = c.layout.integers(c.a.prepared, m);
-  const int32_t* const corr = c.layout.corr(c.a.prepared, m);
   const float* const table = c.layout.scale_table(c.a.prepared, m);
   unsigned largest_index = 0;
   for (int64_t n = n0; n < n1; ++n) {
@@ -97,14 +95,14 @@ bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check
       const uint8_t* group = row + g * kBytes;
       group_step<D>(decode, _mm256_broadcastsi128_si256(
                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(group))),
-                    group[3 * D], g, index, integers, corr, table, even, largest_index);
+                    group[3 * D], g, index, integers, table, even, largest_index);
       group_step<D>(decode, _mm256_broadcastsi128_si256(
                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + kBytes))),
-                    group[kBytes + 3 * D], g + 1, index, integers, corr, table, odd, largest_index);
+                    group[kBytes + 3 * D], g + 1, index, integers, table, odd, largest_index);
     }
     for (; g < groups; ++g) {
       const uint8_t* group = row + g * kBytes;
-      group_step<D>(decode, c.load(group), group[3 * D], g, index, integers, corr, table, even,
+      group_step<D>(decode, c.load(group), group[3 * D], g, index, integers, table, even,
                     largest_index);
     }
     c.y[m * c.w.out_features + n] = horizontal_sum(_mm256_add_ps(even, odd));
@@ -115,15 +113,14 @@ bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check
 // The row pass with AVX-512: two groups per 512-bit register (group g in the low 256 bits, g + 1
 // in the high ones), so every instruction does the work of two AVX2 ones. The routes of the
 // AVX2 decoder serve both halves; at depths 1 and 2 both groups fit one 16-byte load, the high
-// half reading B bytes further. The row's corr values sit 8 int32 apart (corr_lanes), so one
-// 512-bit load gives both groups' corr in lanes 0 and 8.
+// half reading B bytes further.
 template <int D>
 struct WideQuotientDecoder {
   static constexpr int kBytes = bytes_per_group(D);
   static constexpr bool kOneLoad = 2 * kBytes <= 16;
-  __m512i shuffle[D], magic[D];
+  __m512i shuffle[D], magic[D], offsets;
 
-  TRITLLM_TARGET_AVX512 WideQuotientDecoder() {
+  TRITLLM_TARGET_AVX512 WideQuotientDecoder() : offsets(_mm512_broadcast_i64x4(quotient_offsets(D))) {
     for (int p = 0; p < D; ++p) {
       const PlaneRoute route = quotient_route(D, p);
       alignas(64) uint8_t lanes[64];
@@ -137,7 +134,7 @@ struct WideQuotientDecoder {
     }
   }
 
-  // Q (decode.h) of groups g (low half) and g + 1 (high half), the first at `group`.
+  // Q - o (decode.h) of groups g (low half) and g + 1 (high half), the first at `group`.
   TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i operator()(const uint8_t* group) const {
     const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group));
     const __m512i bytes =
@@ -152,7 +149,7 @@ struct WideQuotientDecoder {
       q = _mm512_add_epi16(_mm512_mullo_epi16(q, three),
                            _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[p]), magic[p]));
     }
-    return q;
+    return _mm512_sub_epi16(q, offsets);
   }
 };
 
@@ -160,11 +157,9 @@ struct WideQuotientDecoder {
 template <int D>
 TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
     const WideQuotientDecoder<D>& decode, const uint8_t* group, int64_t g, const uint8_t* index,
-    const int16_t* integers, const int32_t* corr, const float* table, __m512& acc,
-    unsigned& largest_index) {
+    const int16_t* integers, const float* table, __m512& acc, unsigned& largest_index) {
   constexpr int kBytes = bytes_per_group(D);
-  __m512i dot = _mm512_madd_epi16(decode(group), _mm512_loadu_si512(integers + kGroupSize * g));
-  dot = _mm512_add_epi32(dot, _mm512_loadu_si512(corr + 8 * g));
+  const __m512i dot = _mm512_madd_epi16(decode(group), _mm512_loadu_si512(integers + kGroupSize * g));
   const unsigned i0 = index[group[3 * D]], i1 = index[group[kBytes + 3 * D]];
   const unsigned larger = i0 > i1 ? i0 : i1;
   largest_index = larger > largest_index ? larger : largest_index;
@@ -185,7 +180,6 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
   const uint8_t* const end = c.w.bytes + c.w.out_features * row_bytes;
   const uint8_t* const index = c.tables.index;
   const int16_t* const integers = c.layout.integers(c.a.prepared, m);
-  const int32_t* const corr = c.layout.corr(c.a.prepared, m);
   const float* const table = c.layout.scale_table(c.a.prepared, m);
   unsigned largest_index = 0;
   for (int64_t n = n0; n < n1; ++n) {
@@ -203,17 +197,17 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
     int64_t g = 0;
     for (; g + 3 < direct; g += 4) {
       if (g % 8 == 0) _mm_prefetch(ahead + g * kBytes, _MM_HINT_T0);  // 56 bytes per line
-      pair_step<D>(wide, row + g * kBytes, g, index, integers, corr, table, even, largest_index);
-      pair_step<D>(wide, row + (g + 2) * kBytes, g + 2, index, integers, corr, table, odd,
+      pair_step<D>(wide, row + g * kBytes, g, index, integers, table, even, largest_index);
+      pair_step<D>(wide, row + (g + 2) * kBytes, g + 2, index, integers, table, odd,
                    largest_index);
     }
     for (; g + 1 < direct; g += 2) {
-      pair_step<D>(wide, row + g * kBytes, g, index, integers, corr, table, even, largest_index);
+      pair_step<D>(wide, row + g * kBytes, g, index, integers, table, even, largest_index);
     }
     __m256 rest = _mm256_setzero_ps();
     for (; g < groups; ++g) {
       const uint8_t* group = row + g * kBytes;
-      group_step<D>(decode, c.load(group), group[3 * D], g, index, integers, corr, table, rest,
+      group_step<D>(decode, c.load(group), group[3 * D], g, index, integers, table, rest,
                     largest_index);
     }
     c.y[m * c.w.out_features + n] =
@@ -312,21 +306,19 @@ bool decode_strip(const Context<D>& c, int64_t n, int64_t rows, int64_t b0, int6
 
 // Row m of x times rows [i, i + NR) of the strip (rows n + i of W) over blocks [b0, b1); adds
 // into y (or sets y when `first`). Per block: 8 steps of one load of x feeding NR int16
-// multiply-adds (W straight from the strip in L1) into NR int32 accumulators, which start at
-// the row's corr; then one float update per row of W. One row of x against many rows of W
+// multiply-adds (W straight from the strip in L1) into NR int32 accumulators; then one float
+// update per row of W. One row of x against many rows of W
 // beats other register blockings here: NR accumulators, x and a temporary fit the 16 AVX2
 // registers without spills, and W's loads come from L1.
 template <int D, int NR>
 void strip_row_product(const Context<D>& c, const DecodedStrip& strip, int64_t i, int64_t m,
                        int64_t n, int64_t b0, int64_t b1, bool first) {
   const int16_t* integers = c.layout.integers(c.a.prepared, m);
-  const int32_t* corr = c.layout.corr(c.a.prepared, m);
   const float* step = c.layout.step(c.a.prepared, m);
   alignas(32) float sums[NR][8] = {};
   for (int64_t b = b0; b < b1; ++b) {
-    const __m256i offset = _mm256_load_si256(reinterpret_cast<const __m256i*>(corr + 8 * b));
     __m256i dot[NR];
-    for (int k = 0; k < NR; ++k) dot[k] = offset;
+    for (int k = 0; k < NR; ++k) dot[k] = _mm256_setzero_si256();
 #pragma GCC unroll 1
     for (int j = 0; j < 8; ++j) {
       const __m256i xj = _mm256_load_si256(reinterpret_cast<const __m256i*>(integers + 128 * b + 16 * j));
@@ -363,11 +355,9 @@ TRITLLM_TARGET_AVX512 void strip_product_avx512(const Context<D>& c, const Decod
                                                 bool first) {
   constexpr int kPairs = kStripRows / 2;
   const int16_t* integers[MR];
-  const int32_t* corr[MR];
   const float* step[MR];
   for (int r = 0; r < MR; ++r) {
     integers[r] = c.layout.integers(c.a.prepared, m + r);
-    corr[r] = c.layout.corr(c.a.prepared, m + r);
     step[r] = c.layout.step(c.a.prepared, m + r);
   }
   __m512 sums[MR][kPairs];
@@ -376,12 +366,7 @@ TRITLLM_TARGET_AVX512 void strip_product_avx512(const Context<D>& c, const Decod
   for (int64_t b = b0; b < b1; ++b) {
     __m512i even[MR][kPairs], odd[MR][kPairs];
     for (int r = 0; r < MR; ++r) {
-      const __m512i offset = _mm512_broadcast_i32x8(
-          _mm256_load_si256(reinterpret_cast<const __m256i*>(corr[r] + 8 * b)));
-      for (int p = 0; p < kPairs; ++p) {
-        even[r][p] = offset;
-        odd[r][p] = _mm512_setzero_si512();
-      }
+      for (int p = 0; p < kPairs; ++p) even[r][p] = odd[r][p] = _mm512_setzero_si512();
     }
     for (int j = 0; j < 8; ++j) {
       __m512i xj[MR];
