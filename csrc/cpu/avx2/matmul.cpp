@@ -43,6 +43,12 @@ constexpr int kPrefetchRows = 2;
 // attribute, called only on CPUs that have it.
 #define TRITLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
+// GCC 12's AVX-512 intrinsics start from a deliberately undefined register (_mm512_undefined_*),
+// which -Wall reports as "used uninitialized" once inlined into a function that has the target
+// attribute (a false positive, GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // ---------------------------------------------------------------------------------------------
 // Row pass: one row of x against rows [n0, n1) of W.
 
