@@ -1,5 +1,5 @@
 // CPU implementations of torch.ops.tritllm.unpack / matmul: argument and content checks, choice of
-// the kernel set (scalar or AVX2, by CPU feature detection, TRITLLM_CPU_KERNEL or
+// the kernel set (scalar, avx2 or avx512, by CPU feature detection, TRITLLM_CPU_KERNEL or
 // torch.ops.tritllm._cpu_kernel), threads, and the tensors around the raw kernels of kernels.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -185,10 +185,11 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
       kernels.prepare_rows(a, w, m0, m1);
     });
 
-    // Tiles: rows of W split over the threads (a few blocks each, for balance); rows of x split
-    // too when W has too few rows to keep every thread busy.
+    // Tiles: rows of W split over the threads (a few blocks each, for balance; a multiple of 8
+    // rows, the strips the blocked kernels decode); rows of x split too when W has too few rows
+    // to keep every thread busy.
     const int64_t threads = at::get_num_threads();
-    const int64_t n_block = std::max<int64_t>(8, (n_size + 4 * threads - 1) / (4 * threads));
+    const int64_t n_block = (std::max<int64_t>(8, (n_size + 4 * threads - 1) / (4 * threads)) + 7) / 8 * 8;
     const int64_t n_tiles = (n_size + n_block - 1) / n_block;
     const int64_t m_tiles = n_tiles >= threads ? 1 : std::min(m_size, threads);
     const int64_t m_block = (m_size + m_tiles - 1) / m_tiles;

@@ -9,6 +9,9 @@
 //    lane holds one group; 8 multiply-adds then finish 8 groups' dot products in 8 lanes, which
 //    are scaled once per 8 groups. A strip of rows of W is decoded per chunk of K into an
 //    L1-sized buffer and reused by every row of x.
+// The "avx512" kernel set runs the same two kernels with their inner loops in AVX-512 (two
+// groups per register in the row pass, two rows of W per register and vpdpwssd in the blocked
+// kernel); everything else (activations, decoding of strips, checks) is shared.
 #if defined(__AVX2__) && defined(__FMA__)
 
 #include <immintrin.h>
