@@ -21,10 +21,12 @@ How (all vectorized, in chunks of groups):
 2. The scales that fit a group, as float32 intervals ("alternatives"). For each top level
    m = 1..L: s0 = max|w| / m, level magnitudes round(|w| / s0) (at least 1 for a non-zero
    weight), and the scales that fit those levels: [ceil_f32(max A/l), floor_f32(min B/l)], if
-   not empty. This finds every fitting scale unless rounding errors reach a quarter of the scale
-   (subnormal outputs of tiny scales); a group with a subnormal weight and no fit is searched
-   exhaustively (each interval of fitting scales starts at some ceil_f32(A_j / l)). Usually one
-   interval fits; when the levels share a factor, several do. A group of +0.0 fits any scale.
+   not empty. (A float32 prefilter first drops the m that some weight rules out by more than
+   rounding can explain, so the exact test runs about once per group.) This finds every fitting
+   scale unless rounding errors reach a quarter of the scale (subnormal outputs of tiny scales);
+   a group with a subnormal weight and no fit is searched exhaustively (each interval of fitting
+   scales starts at some ceil_f32(A_j / l)). Usually one interval fits; when the levels share a
+   factor, several do. A group of +0.0 fits any scale.
 3. The codebook: an interval point cover, on float32 intervals, so every point is exact.
    a) Groups with one alternative: greedy cover (p = the smallest right end among uncovered
       groups; every uncovered interval starting at or before p contains p; their common part
@@ -106,9 +108,9 @@ class AdoptReport:
 
 
 def adopt(w: torch.Tensor, depth: int = 2, group_size: int = fmt.GROUP_SIZE,
-          strict: bool = True) -> codec.TritWeight:
+          strict: bool = True, name: str = "w") -> codec.TritWeight:
     """`adopt_with_report` without the report."""
-    return adopt_with_report(w, depth, group_size, strict)[0]
+    return adopt_with_report(w, depth, group_size, strict, name)[0]
 
 
 def adopt_with_report(w: torch.Tensor, depth: int = 2, group_size: int = fmt.GROUP_SIZE,
