@@ -236,6 +236,8 @@ def test_more_than_27_scales():
     tw, report = adopt_with_report(w, 2, strict=False)
     assert report.requantized_groups == info.value.failed
     assert report.codebook_size == 27 and report.exact_groups == 64 - info.value.failed
+    same = (bits(tw.dequantize(torch.float16)) == bits(w)).reshape(16, 4, 16).all(-1)
+    assert int(same.sum()) >= report.exact_groups
 
 
 def test_rejects_bad_input():
