@@ -135,9 +135,9 @@ def test_subnormal_group_needs_the_exhaustive_search():
     levels = torch.tensor([0, 2, 0, 1, 2, 4, -4, 3, 1, -1, -1, 1, 4, 0, 2, 2])
     w = (scale * levels).to(torch.float16).reshape(1, 16)
     a, b, constrained = adopt_module._weight_bounds(w)
-    rows, _, _ = adopt_module._fast_alternatives(w.abs().float(), a, b, constrained,
-                                                 fmt.max_level(2), 2.0 ** -11)
-    assert rows.numel() == 0
+    rows, _, _, survived = adopt_module._fast_alternatives(
+        w.abs().float(), a, b, constrained, fmt.max_level(2), 2.0 ** -11, 2.0 ** -25)
+    assert rows.numel() == 0 and bool(survived.all())
     assert_adopts_exactly(w, 2)
 
 
