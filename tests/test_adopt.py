@@ -255,6 +255,13 @@ def test_rejects_bad_input():
         adopt(torch.ones(2, 16, dtype=torch.float16), depth=0)
 
 
+def test_non_contiguous_input():
+    w = codec.quantize(torch.randn(40, 70), 3).dequantize(torch.float16)
+    for view in (torch.cat([w, w], 1)[:, :70], w.t().contiguous().t()):
+        assert not view.is_contiguous()
+        assert torch.equal(adopt(view, 3).packed, adopt(w, 3).packed)
+
+
 def test_adopt_returns_the_weight_of_the_report():
     w = codec.quantize(torch.randn(3, 40)).dequantize(torch.bfloat16)
     tw = adopt(w)
