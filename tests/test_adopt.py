@@ -135,9 +135,9 @@ def test_subnormal_group_needs_the_exhaustive_search():
     levels = torch.tensor([0, 2, 0, 1, 2, 4, -4, 3, 1, -1, -1, 1, 4, 0, 2, 2])
     w = (scale * levels).to(torch.float16).reshape(1, 16)
     a, b, constrained = adopt_module._weight_bounds(w)
-    rows, _, _ = adopt_module._fast_alternatives(w.abs().float(), a, b, constrained,
-                                                 fmt.max_level(2), 2.0 ** -11)
-    assert rows.numel() == 0
+    rows, _, _, survived = adopt_module._fast_alternatives(
+        w.abs().float(), a, b, constrained, fmt.max_level(2), 2.0 ** -11, 2.0 ** -25)
+    assert rows.numel() == 0 and bool(survived.all())
     assert_adopts_exactly(w, 2)
 
 
@@ -236,6 +236,8 @@ def test_more_than_27_scales():
     tw, report = adopt_with_report(w, 2, strict=False)
     assert report.requantized_groups == info.value.failed
     assert report.codebook_size == 27 and report.exact_groups == 64 - info.value.failed
+    same = (bits(tw.dequantize(torch.float16)) == bits(w)).reshape(16, 4, 16).all(-1)
+    assert int(same.sum()) >= report.exact_groups
 
 
 def test_rejects_bad_input():
@@ -251,6 +253,13 @@ def test_rejects_bad_input():
         adopt(torch.ones(2, 16, dtype=torch.float16), group_size=8)
     with pytest.raises(ValueError, match="depth"):
         adopt(torch.ones(2, 16, dtype=torch.float16), depth=0)
+
+
+def test_non_contiguous_input():
+    w = codec.quantize(torch.randn(40, 70), 3).dequantize(torch.float16)
+    for view in (torch.cat([w, w], 1)[:, :70], w.t().contiguous().t()):
+        assert not view.is_contiguous()
+        assert torch.equal(adopt(view, 3).packed, adopt(w, 3).packed)
 
 
 def test_adopt_returns_the_weight_of_the_report():
