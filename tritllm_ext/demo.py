@@ -83,11 +83,16 @@ def build_random_llama(config, dtype: torch.dtype = torch.float32, device="cpu",
             setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.get_input_embeddings().weight
-    # Buffers (the rotary inverse frequencies) are computed, not learned: build them again.
+    rebuild_rotary(model, device)
+    return model.eval()
+
+
+def rebuild_rotary(model, device) -> None:
+    """The rotary inverse frequencies are buffers computed from the config, in float32. The meta
+    device left them empty, and `model.to(torch.bfloat16)` rounds them: build them again."""
     rotary = model.model.rotary_emb
     with torch.device(device):
-        model.model.rotary_emb = type(rotary)(config=config)
-    return model.eval()
+        model.model.rotary_emb = type(rotary)(config=model.config)
 
 
 def printable_output_only(model, tokenizer) -> None:

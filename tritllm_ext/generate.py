@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose cos/sin depend only on the position (not on the sequence length seen).
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Warm-up runs before a CUDA graph capture: they let cuBLAS, the caching allocator and
 # torch.compile settle on the buffers they will use during capture.
 _WARMUP_STEPS = 3
