@@ -533,6 +533,14 @@ def report(result: dict, stem: str) -> None:
     print(table(result))
     print("(logit columns: against the floating-point model on one prompt; with random weights "
           "they show quantization noise, not model quality)")
+    modes = {f"{v['name']} B={b}": ("compiled" if r["compiled"] else "eager") + " layer, "
+             + ("CUDA graph" if r["cuda_graph"] else "no graph")
+             for v in result["variants"] for b, r in v["decode"].items()}
+    if len(set(modes.values())) > 1:
+        print("decode ran differently across variants: "
+              + "; ".join(f"{k}: {m}" for k, m in modes.items()))
+    else:
+        print(f"decode: {next(iter(modes.values()))} for every variant")
     for v in result["variants"]:
         d = v.get("logits_vs_trit_fp_lm_head")
         if d:
