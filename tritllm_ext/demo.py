@@ -21,18 +21,21 @@ import time
 
 import torch
 
+from . import checkpoint
+from .cli import format_speed, prompt_ids, stream_generation
 from .generate import Generator, max_len_for
+from .model import dequantize_model
 
 # A small Llama: 4 layers, grouped-query attention (8 query heads over 4 key/value heads).
 DEMO_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
 DEMO_SEED = 0
-# The demo's weights are a little larger than INIT_STD, so that every layer, not only the last
-# token's embedding, sways the next token: the output varies instead of repeating one character.
-DEMO_STD = 0.05
 # Standard deviation of the random weights: small enough that activations stay finite through
 # many layers in float16, as with a real model's initialisation.
 INIT_STD = 0.02
+# The demo's weights are a little larger than INIT_STD, so that every layer, not only the last
+# token's embedding, sways the next token: the output varies instead of repeating one character.
+DEMO_STD = 0.05
 
 BOS, EOS = "<s>", "</s>"
 
@@ -139,10 +142,6 @@ def run_demo(out_dir: str | None = None, device: torch.device | None = None,
             return run_demo(tmp, device, max_new_tokens, prompt, out)
     import transformers
     from transformers import AutoModelForCausalLM
-
-    from . import checkpoint, hf  # noqa: F401  (hf: from_pretrained reads packed checkpoints)
-    from .cli import format_speed, prompt_ids, stream_generation
-    from .model import dequantize_model
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
