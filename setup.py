@@ -67,8 +67,8 @@ def _want_cuda(cuda_sources):
         if not (have_nvcc and have_cuda_torch and cuda_sources):
             raise RuntimeError(
                 "TRITLLM_FORCE_CUDA=1 needs nvcc (CUDA_HOME), a CUDA build of torch and CUDA "
-                f"sources; found CUDA_HOME={cpp_extension.CUDA_HOME}, "
-                f"torch.version.cuda={torch.version.cuda}, {len(cuda_sources)} csrc/cuda/*.cu files")
+                f"sources; found CUDA_HOME={cpp_extension.CUDA_HOME}, torch.version.cuda="
+                f"{torch.version.cuda}, {len(cuda_sources)} csrc/cuda/*.cu files")
         return True
     return have_nvcc and have_cuda_torch and bool(cuda_sources)
 

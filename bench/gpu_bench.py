@@ -17,6 +17,7 @@ graph, against the same graph with float16 weights.
     python bench/gpu_bench.py                      # full table, bench/gpu_bench.json, .png
     python bench/gpu_bench.py --quick              # fewer M, for a smoke test
     python bench/gpu_bench.py --plot-only F.json   # redraw the plot from a saved run
+    python bench/gpu_bench.py --profile N K M      # a few plain calls, for ncu / nsys
 """
 import argparse
 import datetime
@@ -81,13 +82,14 @@ def copies_for(weight_bytes, l2_bytes, most=16):
 
 
 def copy_bandwidth_gbs(l2_bytes):
-    """Device-to-device copy of a buffer far larger than L2: (read + write) bytes / time."""
+    """Device-to-device copy of a buffer far larger than L2, (read + write) bytes / time: the
+    better of a memcpy and an elementwise copy kernel."""
     n = max(1 << 30, 8 * l2_bytes)
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    src = torch.empty(n // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    graph = capture([lambda: dst.copy_(src)])
-    ms = median_replay_ms(graph, 1)
-    return 2 * n / ms / 1e6
+    memcpy_ms = median_replay_ms(capture([lambda: dst.copy_(src)]), 1)
+    kernel_ms = median_replay_ms(capture([lambda: torch.mul(src, 1.0, out=dst)]), 1)
+    return 2 * n / min(memcpy_ms, kernel_ms) / 1e6
 
 
 def random_trit_weight(n, k, generator):
@@ -206,6 +208,16 @@ def format_row(r):
             f"| {vs_tiny} |")
 
 
+def profile(n, k, m):
+    import tritllm_ext  # noqa: F401
+
+    packed, codebook = random_trit_weight(n, k, torch.Generator(device="cuda").manual_seed(0))
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        torch.ops.tritllm.matmul(x, packed, codebook, DEPTH, k)
+    torch.cuda.synchronize()
+
+
 def plot(result, path):
     try:
         import matplotlib
@@ -241,7 +253,12 @@ def main():
     parser.add_argument("--json", default=os.path.join(HERE, "gpu_bench.json"))
     parser.add_argument("--plot", default=os.path.join(HERE, "gpu_bench.png"))
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a saved run")
+    parser.add_argument("--profile", nargs=3, type=int, metavar=("N", "K", "M"),
+                        help="run the tritllm product and unpack a few times, nothing else")
     args = parser.parse_args()
+    if args.profile:
+        profile(*args.profile)
+        return
     if args.plot_only:
         with open(args.plot_only) as f:
             plot(json.load(f), args.plot)

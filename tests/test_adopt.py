@@ -134,10 +134,10 @@ def test_subnormal_group_needs_the_exhaustive_search():
     scale = torch.tensor(1.1453384160995483 * 2.0 ** -24)
     levels = torch.tensor([0, 2, 0, 1, 2, 4, -4, 3, 1, -1, -1, 1, 4, 0, 2, 2])
     w = (scale * levels).to(torch.float16).reshape(1, 16)
-    mag = w.abs()
     a, b, constrained = adopt_module._weight_bounds(w)
-    lo, hi = adopt_module._fast_alternatives(mag.float(), a, b, constrained, fmt.max_level(2))
-    assert not bool((lo <= hi).any())
+    rows, _, _ = adopt_module._fast_alternatives(w.abs().float(), a, b, constrained,
+                                                 fmt.max_level(2), 2.0 ** -11)
+    assert rows.numel() == 0
     assert_adopts_exactly(w, 2)
 
 

@@ -55,11 +55,14 @@ import torch
 from . import codec
 from . import format as fmt
 
-# Chunks: the scale search holds [groups, L, 16] float64 temporaries, at most 2^20 elements
-# (8 MB); computing levels holds [groups, 16]; the exhaustive search [groups, 16, 16 L].
+# Chunks: the scale search holds [groups, L, 4] float32 temporaries, at most 2^20 elements;
+# computing levels holds [groups, 16]; the exhaustive search [groups, 16, 16 L].
 _CHUNK_ELEMENTS = 1 << 20
 _CHUNK_GROUPS = 1 << 14
 _CHUNK_HARD_GROUPS = 64
+
+# Weights per group that the first pass of the scale search's prefilter looks at.
+_PREFILTER_WEIGHTS = 4
 
 # The cover never builds more than this many clusters: beyond 27 the matrix does not conform
 # anyway, and the bound keeps a hopeless matrix from looping over every group.
@@ -274,21 +277,44 @@ class _Items:
     hi: torch.Tensor     # float32
 
 
-def _fast_alternatives(mag32, a, b, constrained, lmax):
-    """For each top level m = 1..L: levels round(|w| / (max|w| / m)) (at least 1 for a
-    constraining weight) and the interval they allow. Returns float32 lo, hi [g, L]. It finds
-    every scale that fits whenever each weight's rounding error is below a quarter of the scale
-    (so for any scale above 2^-22 in float16, 2^-130 in bfloat16), and usually beyond."""
-    mag = mag32.to(torch.float64).unsqueeze(1)  # [g, 1, 16]; float64: s0 must not round
-    group_max = mag.amax(-1, keepdim=True)  # [g, 1, 1]
-    m = torch.arange(1, lmax + 1, dtype=torch.float64, device=mag.device).view(1, -1, 1)
-    s0 = torch.where(group_max > 0, group_max / m, torch.ones_like(m))  # [g, L, 1]
-    levels = torch.div(mag, s0).round_().clamp_(min=1)  # [g, L, 16], at most m: |w| <= max|w|
-    con = constrained.unsqueeze(1)
-    lo, hi = _interval_of(a.unsqueeze(1), b.unsqueeze(1), con, levels, dim=-1)
-    # Zeros only (with a -0.0): every m gives the same levels; keep m = 1.
-    hi[group_max.view(-1) == 0, 1:] = 0
-    return lo, hi
+def _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff):
+    """For each top level m = 1..L: level magnitudes round(|w| / (max|w| / m)), at least 1 for a
+    constraining weight, and the float32 interval they allow. Returns (row, lo, hi) of the m
+    that fit. This finds every fitting scale whenever each weight's relative rounding error is at
+    most `unit_roundoff` (all weights normal numbers of their dtype), and usually beyond.
+
+    A float32 prefilter first drops the m for which some weight lies farther from its level
+    than rounding can explain: with true levels l at top level m, m |w| / max|w| - l is at most
+    l * 2u / (1 - u), u the unit roundoff of the two roundings. It looks at the first
+    _PREFILTER_WEIGHTS weights of every (group, m) pair, then at all 16 of the few pairs left;
+    only the survivors (about one per group) get the exact float64 test."""
+    group_max = mag32.amax(-1, keepdim=True)  # [g, 1]
+    ratio = torch.where(group_max > 0, mag32 / group_max, torch.zeros_like(mag32))
+    m = torch.arange(1, lmax + 1, dtype=torch.float32, device=mag32.device)
+    alive = _near_levels(ratio[:, :_PREFILTER_WEIGHTS].unsqueeze(1), m.view(1, -1, 1),
+                         unit_roundoff)  # [g, L]
+    alive[group_max.squeeze(-1) == 0, 1:] = False  # zeros only: the same levels for every m
+    rows, cols = alive.nonzero(as_tuple=True)
+    m = m[cols].unsqueeze(-1)
+    keep = _near_levels(ratio[rows], m, unit_roundoff).nonzero().squeeze(-1)
+    rows, m = rows[keep], m[keep].to(torch.float64)
+    # The exact test, in float64 (s0 must not round, as it would in float32 subnormals).
+    mag = mag32[rows].to(torch.float64)
+    top = group_max[rows].to(torch.float64)
+    s0 = torch.where(top > 0, top / m, torch.ones_like(top))
+    levels = torch.div(mag, s0).round_().clamp_(min=1)  # at most m, since |w| <= max|w|
+    lo, hi = _interval_of(a[rows], b[rows], constrained[rows], levels, dim=-1)
+    fits = lo <= hi
+    return rows[fits], lo[fits], hi[fits]
+
+
+def _near_levels(ratio, m, unit_roundoff):
+    """Whether every m * ratio (ratio = |w| / max|w|, float32) lies within rounding error of
+    an integer level >= 1 (zeros are left to the exact test); reduced over the last dim."""
+    x = ratio * m
+    miss = (x - x.round().clamp_(min=1)).abs_()
+    tolerance = (x + 1).mul_(2.5 * unit_roundoff).add_(2.0 ** -12)  # float32 slack included
+    return ((miss <= tolerance) | (ratio == 0)).all(-1)
 
 
 def _exhaustive_alternatives(a, b, constrained, lmax):
@@ -313,24 +339,28 @@ def _scale_alternatives(groups, depth):
     """-> (_Items: every alternative found, one or more per fitting group; bool [groups]: the
     group is all +0.0 and fits any scale)."""
     lmax = fmt.max_level(depth)
-    tiny = torch.finfo(groups.dtype).tiny  # below it, rounding errors are absolute
+    finfo = torch.finfo(groups.dtype)
+    # Relative error of round_dtype(round_f32(x)) for a normal result (both roundings).
+    unit_roundoff = finfo.eps / 2 + 2.0 ** -24 + finfo.eps * 2.0 ** -25
     out_group, out_lo, out_hi, plus_zero = [], [], [], []
-    step = max(1, _CHUNK_ELEMENTS // (fmt.GROUP_SIZE * lmax))  # [step, L, 16] float64 temporaries
+    step = max(1, _CHUNK_ELEMENTS // (_PREFILTER_WEIGHTS * lmax))  # [step, L, 4] prefilter
     for start in range(0, groups.shape[0], step):
         chunk = groups[start:start + step]
         mag32 = chunk.abs().to(torch.float32)
         a, b, constrained = _weight_bounds(chunk)
-        lo, hi = _fast_alternatives(mag32, a, b, constrained, lmax)
-        ok = (lo <= hi) & constrained.any(-1, keepdim=True)
-        rows, cols = ok.nonzero(as_tuple=True)
-        out_group.append(rows + start)
-        out_lo.append(lo[rows, cols])
-        out_hi.append(hi[rows, cols])
-        plus_zero.append(~constrained.any(-1))
+        unconstrained = ~constrained.any(-1)
+        rows, lo, hi = _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff)
+        keep = ~unconstrained[rows]
+        out_group.append(rows[keep] + start)
+        out_lo.append(lo[keep])
+        out_hi.append(hi[keep])
+        plus_zero.append(unconstrained)
+        found = torch.zeros_like(unconstrained)
+        found[rows] = True
         # Subnormal weights carry large relative errors: where the fast search found nothing,
         # search exhaustively.
-        subnormal = ((mag32 > 0) & (mag32 < tiny)).any(-1)
-        for hard in (subnormal & ~ok.any(-1)).nonzero().squeeze(-1).split(_CHUNK_HARD_GROUPS):
+        subnormal = ((mag32 > 0) & (mag32 < finfo.tiny)).any(-1)
+        for hard in (subnormal & ~found).nonzero().squeeze(-1).split(_CHUNK_HARD_GROUPS):
             r, l, h = _exhaustive_alternatives(a[hard], b[hard], constrained[hard], lmax)
             out_group.append(hard[r] + start)
             out_lo.append(l)

@@ -17,18 +17,27 @@ This module imports transformers; import it only through hf.register().
 """
 from __future__ import annotations
 
-import torch
-from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
-                                          AUTO_QUANTIZER_MAPPING, register_quantization_config,
-                                          register_quantizer)
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import format as fmt
-from .checkpoint import (PACKED_INDEX_FILE, QUANT_METHOD, CheckpointError,
-                         check_quantization_config, read_tensor_index, swap_in_empty_trit_linears,
-                         tied_weight_keys, unique_state_tensors)
+from .checkpoint import (
+    PACKED_INDEX_FILE,
+    QUANT_METHOD,
+    CheckpointError,
+    check_quantization_config,
+    read_tensor_index,
+    swap_in_empty_trit_linears,
+    unique_state_tensors,
+)
+from .model import tied_weight_keys
 from .nn import validate_modules
 
 logger = logging.get_logger(__name__)

@@ -18,23 +18,13 @@
 // groups and needs one scale per group. The activations are loaded once per run in the matching
 // order.
 //
-// Decoding one group (d = 2: plane bytes P0b0 P0b1 P0b2 P1b0 P1b1 P1b2, tail T):
-//  * A byte v is looked up in a shared-memory table of 256 rows, one 8-byte entry per lane
-//    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
-//    digits as float16/bfloat16. One byte_perm turns the byte straight into its row address
-//    v * 256 + lane * 8.
-//  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
-//  * The fifth digit of a byte is v / 81, and the tail holds n15 = T / 27 and idx = T % 27.
-//    Both divisions are one multiply-high of the row address (exact for every byte and lane;
-//    tests/test_cuda_ops.py checks the identity), and idx * 256 + lane * 8 is the address of
-//    the scale entry {half2(s, s), half2(-L s, -L s)}.
-//  * Each pair of levels n becomes n * s - L * s in one paired FMA, rounded once.
+// The decoding of a group is in lut_decode.cuh.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "device_common.cuh"
 #include "launchers.h"
+#include "lut_decode.cuh"
 
 namespace tritllm {
 namespace cuda {
@@ -45,89 +35,17 @@ constexpr int kGroupsPerLane = 4;    // lane 4g+t decodes groups 4t..4t+3 of row
 constexpr int kRowsPerSlab = 16;     // rows of W one warp multiplies at a time (a slab)
 constexpr int kMaxWarps = 16;        // warps per block: the runs of one split
 constexpr int kStages = 3;           // cp.async pipeline depth per warp
-constexpr int kTableRow = 256;       // bytes of one table row: 32 lanes x 8 bytes
-constexpr int kDigitTableBytes = 256 * kTableRow;
-constexpr int kScaleTableBytes = kMaxCodebook * kTableRow;
 constexpr int kWarpTileFloats = 2 * 16 * 8;  // one warp's C: 2 token tiles x 16 rows x 8 tokens
 constexpr int kMaxSlabsPerTile = 4;
-
-// floor(a / (81 * 256)) and floor(a / (27 * 256)) for a table address a = v * 256 + lane * 8:
-// they equal v / 81 and v / 27 for every byte v and lane (tests/test_cuda_ops.py).
-constexpr uint32_t kDiv81Rows = 207127;  // ceil(2^32 / 20736)
-constexpr uint32_t kDiv27Rows = 621379;  // ceil(2^32 / 6912)
 
 constexpr int row_bytes(int depth) { return kRunGroups * bytes_per_group(depth); }
 constexpr int stage_bytes(int depth) { return kRowsPerSlab * row_bytes(depth); }
 
 size_t shared_bytes(int depth, int warps, int blocks_per_tile) {
-  return size_t(kDigitTableBytes) + kScaleTableBytes +
+  return size_t(lut::kTableBytes) +
          size_t(warps) * kStages * stage_bytes(depth) +
          size_t(blocks_per_tile) * warps * kWarpTileFloats * sizeof(float);
 }
-
-// Paired 16-bit arithmetic and the tensor-core product for each activation type, on pairs held
-// in 32-bit registers. A level n (0..12) becomes a number by writing it into the mantissa of
-// kMagic (n + kMagicValue exactly) and subtracting kMagicValue.
-template <typename T>
-struct Pair;
-
-template <>
-struct Pair<__half> {
-  static constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
-  static constexpr float kMagicValue = 1024.f;
-  __device__ static __forceinline__ __half2 as(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
-  __device__ static __forceinline__ uint32_t bits(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    return bits(__hfma2(as(a), as(b), as(c)));
-  }
-  __device__ static __forceinline__ uint32_t fma(uint32_t a, float b, uint32_t c) {
-    return bits(__hfma2(as(a), __float2half2_rn(b), as(c)));
-  }
-  __device__ static __forceinline__ uint32_t add(uint32_t a, float b) {
-    return bits(__hadd2(as(a), __float2half2_rn(b)));
-  }
-  __device__ static __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-  }
-};
-
-template <>
-struct Pair<__nv_bfloat16> {
-  static constexpr uint32_t kMagic = 0x43004300u;  // bfloat162(128, 128)
-  static constexpr float kMagicValue = 128.f;
-  __device__ static __forceinline__ __nv_bfloat162 as(uint32_t v) {
-    return *reinterpret_cast<__nv_bfloat162*>(&v);
-  }
-  __device__ static __forceinline__ uint32_t bits(__nv_bfloat162 v) {
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    return bits(__hfma2(as(a), as(b), as(c)));
-  }
-  __device__ static __forceinline__ uint32_t fma(uint32_t a, float b, uint32_t c) {
-    return bits(__hfma2(as(a), __float2bfloat162_rn(b), as(c)));
-  }
-  __device__ static __forceinline__ uint32_t add(uint32_t a, float b) {
-    return bits(__hadd2(as(a), __float2bfloat162_rn(b)));
-  }
-  __device__ static __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-  }
-};
 
 __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -156,6 +74,7 @@ struct LutParams {
   void* out;                  // [tokens, rows]
   float* split_sums;          // [splits, tokens, rows] when splits > 1
   int codebook_size;
+  bool x_vector_loads;        // x rows start on 16-byte boundaries (in_features % 8 == 0)
   int tokens;
   int64_t rows;
   int64_t in_features;
@@ -169,98 +88,63 @@ struct LutParams {
   int tiles;                  // splits * slab_tiles
 };
 
-// Byte `byte` of a lane's bytes (held in 32-bit words) -> its table address byte * 256 + lane * 8.
-// Called from fully unrolled loops, so `byte` is a constant and this is one PRMT.
-template <int kWords>
-__device__ __forceinline__ uint32_t table_address(const uint32_t (&word)[kWords], int byte,
-                                                  uint32_t lane_offset) {
-  return __byte_perm(word[byte / 4], lane_offset, 0x5504u | ((byte % 4) << 4));
-}
-
-// 8-byte entry at `offset` of a table whose shared-space address is `table` (the sum folds into
-// the load's addressing when `table` is warp-uniform).
-__device__ __forceinline__ uint2 load_entry(uint32_t table, uint32_t offset) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(table + offset));
-  return v;
-}
-
-// The 8 B-fragment registers of the lane's group `group` (0..3): dequantized weight pairs
-// (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15).
-template <int DEPTH, typename T, int kWords>
-__device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords], int group,
-                                                   uint32_t lane_offset, uint32_t digits,
-                                                   uint32_t scales, uint32_t (&w)[8]) {
-  using P = Pair<T>;
-  const int first = group * bytes_per_group(DEPTH);
-  uint32_t pair[6], top[3];
-#pragma unroll
-  for (int b = 0; b < 3; ++b) {  // weights 5b..5b+4
-    const uint32_t a0 = table_address(word, first + b, lane_offset);  // plane 0
-    const uint2 e0 = load_entry(digits, a0);
-    top[b] = __umulhi(a0, kDiv81Rows);
-    pair[2 * b] = e0.x;
-    pair[2 * b + 1] = e0.y;
-    if (DEPTH == 2) {
-      const uint32_t a1 = table_address(word, first + 3 + b, lane_offset);  // plane 1
-      const uint2 e1 = load_entry(digits, a1);
-      top[b] += 3 * __umulhi(a1, kDiv81Rows);
-      pair[2 * b] = P::fma(e1.x, 3.f, e0.x);
-      pair[2 * b + 1] = P::fma(e1.y, 3.f, e0.y);
-    }
-  }
-  const uint32_t tail = table_address(word, first + 3 * DEPTH, lane_offset);
-  const uint32_t n15 = __umulhi(tail, kDiv27Rows);
-  const uint2 scale = load_entry(scales, tail - 27u * 256u * n15);  // {s2, -L*s2}
-  // Levels of weights (4, 9) and (14, 15) as numbers: magic + n, minus magic.
-  const uint32_t q1 = P::add(top[0] + P::kMagic + (top[1] << 16), -P::kMagicValue);
-  const uint32_t q2 = P::add(top[2] + P::kMagic + (n15 << 16), -P::kMagicValue);
-#pragma unroll
-  for (int i = 0; i < 6; ++i) w[i] = P::fma(pair[i], scale.x, scale.y);
-  w[6] = P::fma(q1, scale.x, scale.y);
-  w[7] = P::fma(q2, scale.x, scale.y);
-}
-
-// Activations of this lane for one run: token g (xa) and token g + 8 (xb), in the slot order of
-// decode_group_pairs.
+// Activations of this lane for one run: token g (xa) and token g + 8 (xb), groups 4t..4t+3 of
+// the run, in the slot order of lut::decode_group_pairs. Rows of x are read with 16-byte loads
+// when they are whole and aligned.
 template <typename T, bool kTwoTokenTiles>
 __device__ __forceinline__ void load_activations(const LutParams& p, int run, int g, int t,
                                                  uint32_t (&xa)[kGroupsPerLane][8],
                                                  uint32_t (&xb)[kGroupsPerLane][8]) {
   const T* x = static_cast<const T*>(p.x);
+  const int64_t k0 = (int64_t(run) * kRunGroups + t * kGroupsPerLane) * kGroupSize;
+  constexpr int kLaneValues = kGroupsPerLane * kGroupSize;  // 64
 #pragma unroll
   for (int half = 0; half < (kTwoTokenTiles ? 2 : 1); ++half) {
     const int m = g + 8 * half;
+    uint32_t lin[kGroupsPerLane][8];  // pairs of x in natural order
+    if (m >= p.tokens) {
+#pragma unroll
+      for (int c = 0; c < kGroupsPerLane; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) lin[c][i] = 0u;
+    } else if (p.x_vector_loads && k0 + kLaneValues <= p.in_features) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + m * p.in_features + k0);
+#pragma unroll
+      for (int q = 0; q < kLaneValues * int(sizeof(T)) / 16; ++q) {
+        const uint4 v = src[q];
+        uint32_t* d = &lin[0][0] + 4 * q;
+        d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < kGroupsPerLane; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int64_t k = k0 + c * kGroupSize + 2 * i;
+          const float lo = k < p.in_features ? to_float(x[m * p.in_features + k]) : 0.f;
+          const float hi = k + 1 < p.in_features ? to_float(x[m * p.in_features + k + 1]) : 0.f;
+          lin[c][i] = pack2<T>(lo, hi);
+        }
+    }
 #pragma unroll
     for (int c = 0; c < kGroupsPerLane; ++c) {
-      const int64_t k0 = (int64_t(run) * kRunGroups + t * kGroupsPerLane + c) * kGroupSize;
-      uint32_t lin[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float v[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k = k0 + 2 * i + h;
-          v[h] = (m < p.tokens && k < p.in_features) ? to_float(x[m * p.in_features + k]) : 0.f;
-        }
-        lin[i] = pack2<T>(v[0], v[1]);
-      }
       uint32_t(&dst)[8] = half == 0 ? xa[c] : xb[c];
-      dst[0] = lin[0];                               // x0 x1
-      dst[1] = lin[1];                               // x2 x3
-      dst[2] = __byte_perm(lin[2], lin[3], 0x5432);  // x5 x6
-      dst[3] = __byte_perm(lin[3], lin[4], 0x5432);  // x7 x8
-      dst[4] = lin[5];                               // x10 x11
-      dst[5] = lin[6];                               // x12 x13
-      dst[6] = __byte_perm(lin[2], lin[4], 0x7610);  // x4 x9
-      dst[7] = lin[7];                               // x14 x15
+      const uint32_t(&l)[8] = lin[c];
+      dst[0] = l[0];                             // x0 x1
+      dst[1] = l[1];                             // x2 x3
+      dst[2] = __byte_perm(l[2], l[3], 0x5432);  // x5 x6
+      dst[3] = __byte_perm(l[3], l[4], 0x5432);  // x7 x8
+      dst[4] = l[5];                             // x10 x11
+      dst[5] = l[6];                             // x12 x13
+      dst[6] = __byte_perm(l[2], l[4], 0x7610);  // x4 x9
+      dst[7] = l[7];                             // x14 x15
     }
   }
 }
 
 template <int DEPTH, typename T, bool kTwoTokenTiles>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutParams p) {
-  using P = Pair<T>;
+  using P = lut::Pair<T>;
   constexpr int kB = bytes_per_group(DEPTH);
   constexpr int kRowBytes = row_bytes(DEPTH);
   constexpr int kStageBytes = stage_bytes(DEPTH);
@@ -269,27 +153,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
   constexpr int kWords = kLaneBytes / 4;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* digits = smem;
-  uint8_t* scales = digits + kDigitTableBytes;
-  uint8_t* stages = scales + kScaleTableBytes;
-  const uint32_t digits_shared = static_cast<uint32_t>(__cvta_generic_to_shared(digits));
+  uint8_t* stages = smem + lut::kTableBytes;
   float* tile_sums = reinterpret_cast<float*>(stages + size_t(p.warps) * kStages * kStageBytes);
-
-  // Tables: every lane gets its own copy of each entry (row = 32 lanes x 8 bytes).
-  for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {
-    const uint32_t v = e / 16;
-    const uint32_t lo = pack2<T>(float(trit_digit(v, 0)), float(trit_digit(v, 1)));
-    const uint32_t hi = pack2<T>(float(trit_digit(v, 2)), float(trit_digit(v, 3)));
-    reinterpret_cast<uint4*>(digits + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
-  }
-  for (int e = threadIdx.x; e < kMaxCodebook * 16; e += blockDim.x) {
-    const int idx = e / 16;
-    // Indices >= codebook_size occur only in corrupt data (see unpack.cu).
-    const float s = to_float(from_float<T>(idx < p.codebook_size ? p.codebook[idx] : 0.f));
-    const float minus_ls = -max_level(DEPTH) * s;  // exact: L is 1 or 4
-    const uint32_t s2 = pack2<T>(s, s), o2 = pack2<T>(minus_ls, minus_ls);
-    reinterpret_cast<uint4*>(scales + idx * kTableRow)[e % 16] = make_uint4(s2, o2, s2, o2);
-  }
+  lut::build_tables<DEPTH, T>(smem, p.codebook, p.codebook_size);
+  const uint32_t tables = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -297,61 +164,92 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
   const uint32_t lane_offset = lane * 8;
   uint8_t* my_stages = stages + size_t(warp) * kStages * kStageBytes;
   const int R = p.slabs_per_tile;
-  const int my_tiles = blockIdx.x < p.tiles ? (p.tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  const int items = my_tiles * R;  // item i: slab i % R of this block's tile i / R
 
-  auto item_tile = [&](int i) { return int(blockIdx.x) + (i / R) * int(gridDim.x); };
+  // This block's work is a list of items (tile, o): tiles blockIdx.x, +gridDim.x, ..., and in
+  // each tile its R slabs. Two cursors walk it: the consumer, and the copy issuer kStages - 1
+  // items ahead. A cursor divides only when it enters a new tile.
+  struct Item {
+    int tile, o, split, slab;  // slab: the 16-row block this item multiplies
+    int stage;                 // its buffer, 0..kStages-1
+  };
+  auto enter_tile = [&](Item& it, int tile) {
+    it.tile = tile;
+    it.o = 0;
+    it.split = tile / p.slab_tiles;
+    it.slab = (tile - it.split * p.slab_tiles) * R;
+  };
+  auto advance = [&](Item& it) {
+    it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
+    if (++it.o < R) {
+      ++it.slab;
+    } else {
+      enter_tile(it, it.tile + gridDim.x);
+    }
+  };
 
-  // Stage the 16 rows x 256 weights of item i: a contiguous run of kRowBytes bytes per row.
-  auto issue = [&](int i) {
-    if (i < items) {
-      const int tile = item_tile(i);
-      const int split = tile / p.slab_tiles;
-      const int slab = (tile % p.slab_tiles) * R + i % R;
-      const int run = split * p.warps + warp;
-      if (run < p.runs) {
-        uint8_t* dst = my_stages + (i % kStages) * kStageBytes;
+  // The copies of one item: 16 rows x kRowBytes, in 16-byte chunks; chunk c = lane + 32q is
+  // row c / (kRowBytes / 16) of every item, at byte 16c of the stage, so its source offset is
+  // computed once.
+  constexpr int kChunkRounds = (kChunks + 31) / 32;
+  int chunk_row[kChunkRounds];
+  uint32_t chunk_src[kChunkRounds];
+  const int64_t row_stride = p.groups * kB;
 #pragma unroll
-        for (int c0 = 0; c0 < kChunks; c0 += 32) {
-          const int c = c0 + lane;
-          if (c < kChunks) {
-            const int r = c / (kRowBytes / 16), col = c % (kRowBytes / 16);
-            const int64_t row = int64_t(slab) * kRowsPerSlab + r;
-            const bool valid = row < p.rows;
-            const uint8_t* src =
-                valid ? p.packed + (row * p.groups + int64_t(run) * kRunGroups) * kB + col * 16
-                      : p.packed;
-            cp_async_16(dst + r * kRowBytes + col * 16, src, valid);
-          }
+  for (int q = 0; q < kChunkRounds; ++q) {
+    const int c = lane + 32 * q;
+    const int r = c / (kRowBytes / 16), col = c % (kRowBytes / 16);
+    chunk_row[q] = c < kChunks ? r : kRowsPerSlab;  // kRowsPerSlab: no chunk
+    chunk_src[q] = uint32_t(r * row_stride + col * 16);
+  }
+  auto issue = [&](const Item& it) {
+    const int run = it.split * p.warps + warp;
+    if (it.tile < p.tiles && run < p.runs) {
+      const uint8_t* base = p.packed + int64_t(it.slab) * kRowsPerSlab * row_stride +
+                            int64_t(run) * kRunGroups * kB;
+      const int64_t rows_left = p.rows - int64_t(it.slab) * kRowsPerSlab;
+      uint8_t* dst = my_stages + it.stage * kStageBytes;
+#pragma unroll
+      for (int q = 0; q < kChunkRounds; ++q) {
+        if (chunk_row[q] < kRowsPerSlab) {
+          const bool valid = chunk_row[q] < rows_left;
+          cp_async_16(dst + 16 * (lane + 32 * q), valid ? base + chunk_src[q] : p.packed, valid);
         }
       }
     }
     cp_async_commit();  // one group per item, empty or not, so the wait count below holds
   };
 
+  Item ahead{}, item{};
+  enter_tile(ahead, blockIdx.x);
+  enter_tile(item, blockIdx.x);
+  ahead.stage = item.stage = 0;
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(ahead);
+    advance(ahead);
+  }
 
   uint32_t xa[kGroupsPerLane][8], xb[kGroupsPerLane][8];
   int loaded_run = -1;
-  for (int i = 0; i < items; ++i) {
-    issue(i + kStages - 1);
+  for (; item.tile < p.tiles; advance(item)) {
+    issue(ahead);
+    advance(ahead);
     cp_async_wait<kStages - 1>();
     __syncwarp();
 
-    const int tile = item_tile(i);
-    const int split = tile / p.slab_tiles;
-    const int slab_tile = tile % p.slab_tiles;
-    const int o = i % R;
+    const int o = item.o, split = item.split;
     const int run = split * p.warps + warp;
     // acc[q] = C of token tile q: rows (g, g, g+8, g+8) x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
+    // With one token tile, odd k-steps go to a second chain so that consecutive products do not
+    // wait on each other (two token tiles already interleave two chains).
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float acc_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     if (run < p.runs) {
       if (run != loaded_run) {
         load_activations<T, kTwoTokenTiles>(p, run, g, t, xa, xb);
         loaded_run = run;
       }
-      const uint8_t* stage = my_stages + (i % kStages) * kStageBytes + t * kLaneBytes;
+      const uint8_t* stage = my_stages + item.stage * kStageBytes + t * kLaneBytes;
       uint32_t word[2][kWords];  // this lane's bytes of rows g and g + 8
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -371,21 +269,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
 #pragma unroll
       for (int c = 0; c < kGroupsPerLane; ++c) {
         uint32_t wa[8], wb[8];  // rows g and g + 8
-        decode_group_pairs<DEPTH, T>(word[0], c, lane_offset, digits_shared,
-                                     digits_shared + kDigitTableBytes, wa);
-        decode_group_pairs<DEPTH, T>(word[1], c, lane_offset, digits_shared,
-                                     digits_shared + kDigitTableBytes, wb);
+        lut::decode_group_pairs<DEPTH, T>(word[0], c, lane_offset, tables, wa);
+        lut::decode_group_pairs<DEPTH, T>(word[1], c, lane_offset, tables, wb);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          P::mma(acc[0], wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1], xa[c][2 * j],
+          float(&chain)[2][4] = (!kTwoTokenTiles && j % 2 == 1) ? acc_odd : acc;
+          P::mma(chain[0], wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1], xa[c][2 * j],
                  xa[c][2 * j + 1]);
           if (kTwoTokenTiles)
-            P::mma(acc[1], wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1], xb[c][2 * j],
+            P::mma(chain[1], wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1], xb[c][2 * j],
                    xb[c][2 * j + 1]);
         }
       }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[0][r] += acc_odd[0][r];
     }
-    __syncwarp();  // every lane has read stage i % kStages before it is refilled
+    __syncwarp();  // every lane has read this item's stage before it is refilled
 
     // This warp's C, laid out [token tile][row 0..15][token 0..7] (conflict-free float2 stores).
     float* mine_c = tile_sums + (o * p.warps + warp) * kWarpTileFloats;
@@ -402,7 +301,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
       const int per_slab = p.tokens * kRowsPerSlab;
       for (int e = threadIdx.x; e < R * per_slab; e += blockDim.x) {
         const int oo = e / per_slab, m = (e % per_slab) / kRowsPerSlab, n = e % kRowsPerSlab;
-        const int64_t row = (int64_t(slab_tile) * R + oo) * kRowsPerSlab + n;
+        const int64_t row = (int64_t(item.slab) - o + oo) * kRowsPerSlab + n;
         if (row >= p.rows) continue;
         const int at = (m / 8) * 128 + n * 8 + m % 8;
         float sum = 0.f;
@@ -523,6 +422,7 @@ void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   p.codebook = codebook.data_ptr<float>();
   p.out = out.data_ptr();
   p.codebook_size = int(codebook.numel());
+  p.x_vector_loads = x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   p.tokens = int(x.size(0));
   p.rows = packed.size(0);
   p.in_features = x.size(1);

@@ -19,8 +19,9 @@
 namespace tritllm::cpu::avx2 {
 
 // The blocked (several rows of x) kernel reads each block of 8 groups transposed; below this many
-// rows of x the single-pass kernel, which reads groups in order, is faster.
-constexpr int64_t kBlockedMinRows = 4;
+// rows of x the row-pass kernel, which reads groups in order, is faster (measured: from 2 rows
+// on, the blocked kernel wins).
+constexpr int64_t kBlockedMinRows = 2;
 
 // Q: the largest |integer|. 4Q must fit int16 (the x' transform), and the blocked kernel sums
 // 16 products Q_j x'_j (Q_j <= 242 L, decode.h) plus corr in int32 before converting to float,

@@ -154,18 +154,14 @@ struct QuotientDecoder {
 
 struct ScaleTables {
   alignas(32) float scale[256];  // codebook[t % 27], 0 where t % 27 >= codebook_size
-  uint8_t index[256];            // t % 27
-  uint8_t index_bad[256];        // 1 where t % 27 >= codebook_size
-  bool index_can_be_bad;         // codebook_size < 27
+  uint8_t index[256];            // t % 27 (the kernels check the largest they meet)
 
   explicit ScaleTables(const PackedWeight& w) {
     for (int t = 0; t < 256; ++t) {
       const int i = static_cast<int>(group_scale_index(static_cast<uint32_t>(t)));
       index[t] = static_cast<uint8_t>(i);
-      index_bad[t] = i >= w.codebook_size;
       scale[t] = i < w.codebook_size ? w.codebook[i] : 0.0f;
     }
-    index_can_be_bad = w.codebook_size < kMaxCodebook;
   }
 };
 

@@ -2,13 +2,13 @@
 // quotients (decode.h); a group's dot product is exact in int32, then scaled and summed in float32.
 //
 // Two kernels:
-//  * few rows of x (M < kBlockedMinRows), "row pass": each group of W is decoded once and met by
-//    the M rows of x in order; one int16 multiply-add, one conversion and one FMA per group and
-//    row, with the scale codebook[idx] * s read from the row's scale table.
+//  * one row of x (M < kBlockedMinRows), "row pass": each group of W is decoded and met by the
+//    row at once; one int16 multiply-add, one conversion and one FMA per group, with the scale
+//    codebook[idx] * s read from the row's scale table.
 //  * more rows, "blocked": 8 groups of a row of W are decoded and transposed so that a 32-bit
 //    lane holds one group; 8 multiply-adds then finish 8 groups' dot products in 8 lanes, which
-//    are scaled once per 8 groups. W is decoded into a small buffer per chunk of K and reused by
-//    all rows of x (4 rows x 2 rows of W per inner step).
+//    are scaled once per 8 groups. A strip of rows of W is decoded per chunk of K into an
+//    L1-sized buffer and reused by every row of x.
 #if defined(__AVX2__) && defined(__FMA__)
 
 #include <immintrin.h>
@@ -36,50 +36,42 @@ struct Context {
       : a(a_), w(w_), layout(a_.rows, w_), load(w_), tables(w_), y(y_) {}
 };
 
-// Rows of W ahead of the one being computed that the kernels prefetch (no fault past the end).
+// How many rows of W ahead of the one being computed the row pass prefetches.
 constexpr int kPrefetchRows = 2;
 
 // ---------------------------------------------------------------------------------------------
-// Row pass: rows m0 .. m0 + R - 1 of x against rows [n0, n1) of W.
+// Row pass: one row of x against rows [n0, n1) of W.
 
-// One group of W against R rows of x: dot product of its quotients with each row's integers
-// (exact in int32), minus L * sum (corr), times codebook[idx] * s (the row's scale table); notes
-// the largest scale index seen.
-template <int D, int R>
-__attribute__((always_inline)) inline void group_step(
-    const QuotientDecoder<D>& decode, __m256i bytes, unsigned tail0, int64_t g,
-    const uint8_t* index, const int16_t* const (&integers)[R], const int32_t* const (&corr)[R],
-    const float* const (&table)[R], __m256 (&acc)[R], unsigned& largest_index) {
-  const __m256i q = decode(bytes);
+// One group of W: dot product of its quotients with the row's integers (exact in int32), minus
+// L * sum (corr), times codebook[idx] * s (the row's scale table); notes the largest scale index.
+template <int D>
+__attribute__((always_inline)) inline void group_step(const QuotientDecoder<D>& decode,
+                                                      __m256i bytes, unsigned tail0, int64_t g,
+                                                      const uint8_t* index, const int16_t* integers,
+                                                      const int32_t* corr, const float* table,
+                                                      __m256& acc, unsigned& largest_index) {
   const unsigned i = index[tail0];
   largest_index = i > largest_index ? i : largest_index;  // checked against the codebook size
-  const int64_t entry = kMaxCodebook * g + i;
-  for (int r = 0; r < R; ++r) {
-    __m256i dot = _mm256_madd_epi16(
-        q, _mm256_load_si256(reinterpret_cast<const __m256i*>(integers[r] + kGroupSize * g)));
-    dot = _mm256_add_epi32(dot, _mm256_castsi128_si256(_mm_cvtsi32_si128(corr[r][g])));
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&table[r][entry]), acc[r]);
-  }
+  __m256i dot = _mm256_madd_epi16(
+      decode(bytes), _mm256_load_si256(reinterpret_cast<const __m256i*>(integers + kGroupSize * g)));
+  dot = _mm256_add_epi32(dot, _mm256_castsi128_si256(_mm_cvtsi32_si128(corr[g])));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(&table[kMaxCodebook * g + i]),
+                        acc);
 }
 
-template <int D, int R>
-bool row_pass(const Context<D>& c, int64_t m0, int64_t n0, int64_t n1, bool check) {
+template <int D>
+bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check) {
   constexpr int kBytes = bytes_per_group(D);
   const int64_t groups = c.w.groups();
   const int64_t row_bytes = c.w.row_bytes();
   const uint8_t* const end = c.w.bytes + c.w.out_features * row_bytes;
-  // local copies: the compiler keeps the decoder's constants in registers instead of reloading
+  // local copy: the compiler keeps the decoder's constants in registers instead of reloading
   // them from the shared context at every group
   const QuotientDecoder<D> decode = c.decode;
   const uint8_t* const index = c.tables.index;
-  const int16_t* integers[R];
-  const int32_t* corr[R];
-  const float* table[R];
-  for (int r = 0; r < R; ++r) {
-    integers[r] = c.layout.integers(c.a.prepared, m0 + r);
-    corr[r] = c.layout.corr(c.a.prepared, m0 + r);
-    table[r] = c.layout.scale_table(c.a.prepared, m0 + r);
-  }
+  const int16_t* const integers = c.layout.integers(c.a.prepared, m);
+  const int32_t* const corr = c.layout.corr(c.a.prepared, m);
+  const float* const table = c.layout.scale_table(c.a.prepared, m);
   unsigned largest_index = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = c.w.row(n);
@@ -89,46 +81,37 @@ bool row_pass(const Context<D>& c, int64_t m0, int64_t n0, int64_t n1, bool chec
     if (end - row < (groups - 1) * kBytes + 16) {
       direct = end - row >= 16 ? (end - row - 16) / kBytes + 1 : 0;
     }
-    // The row check above waits for memory, the groups below do not: fetch the row after next
-    // while computing (the hardware prefetcher alone stops running ahead during the compute).
-    const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes);
-    // two accumulators per row of x: consecutive groups do not wait for each other's FMA
-    __m256 even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+    // The row check above waits for memory, the groups below do not: fetch a later row while
+    // computing (the hardware prefetcher alone stops running ahead during the compute).
+    const int64_t later = n + kPrefetchRows < c.w.out_features ? n + kPrefetchRows : n;
+    const char* ahead = reinterpret_cast<const char*>(c.w.row(later));
+    // two accumulators: consecutive groups do not wait for each other's FMA
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 1 < direct; g += 2) {
       if (g % 8 == 0) _mm_prefetch(ahead + g * kBytes, _MM_HINT_T0);  // 56 bytes per line
       const uint8_t* group = row + g * kBytes;
-      group_step<D, R>(decode, _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                           reinterpret_cast<const __m128i*>(group))),
-                       group[3 * D], g, index, integers, corr, table, even, largest_index);
-      group_step<D, R>(decode, _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                           reinterpret_cast<const __m128i*>(group + kBytes))),
-                       group[kBytes + 3 * D], g + 1, index, integers, corr, table, odd,
-                       largest_index);
+      group_step<D>(decode, _mm256_broadcastsi128_si256(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(group))),
+                    group[3 * D], g, index, integers, corr, table, even, largest_index);
+      group_step<D>(decode, _mm256_broadcastsi128_si256(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + kBytes))),
+                    group[kBytes + 3 * D], g + 1, index, integers, corr, table, odd, largest_index);
     }
     for (; g < groups; ++g) {
       const uint8_t* group = row + g * kBytes;
-      group_step<D, R>(decode, c.load(group), group[3 * D], g, index, integers, corr, table, even,
-                       largest_index);
+      group_step<D>(decode, c.load(group), group[3 * D], g, index, integers, corr, table, even,
+                    largest_index);
     }
-    for (int r = 0; r < R; ++r) {
-      c.y[(m0 + r) * c.w.out_features + n] = horizontal_sum(_mm256_add_ps(even[r], odd[r]));
-    }
+    c.y[m * c.w.out_features + n] = horizontal_sum(_mm256_add_ps(even, odd));
   }
   return !(check && largest_index >= c.w.codebook_size);
 }
 
 template <int D>
 bool row_passes(const Context<D>& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool check) {
-  for (int64_t m = m0; m < m1; m += 3) {
-    bool ok = true;
-    switch (m1 - m) {
-      case 1: ok = row_pass<D, 1>(c, m, n0, n1, check); break;
-      case 2: ok = row_pass<D, 2>(c, m, n0, n1, check); break;
-      default: ok = row_pass<D, 3>(c, m, n0, n1, check); break;
-    }
-    if (!ok) return false;
+  for (int64_t m = m0; m < m1; ++m) {
+    if (!row_pass(c, m, n0, n1, check)) return false;
     check = false;  // the first pass checked these rows of W
   }
   return true;
@@ -137,131 +120,124 @@ bool row_passes(const Context<D>& c, int64_t m0, int64_t m1, int64_t n0, int64_t
 // ---------------------------------------------------------------------------------------------
 // Blocked kernel.
 
-constexpr int kChunkBlocks = 16;  // blocks of 8 groups (128 weights) per chunk of K
+// Cache blocking: a strip of kStripRows rows of W is decoded over a chunk of K of kChunkBlocks
+// blocks (8 groups each): 32 KB of quotients that stay in L1 while every row of x (4 KB of
+// integers for the chunk) meets them.
+constexpr int kChunkBlocks = 16;
+constexpr int kStripRows = 8;
 
-// Rows [n, n + count) of W, blocks [b0, b1) (of 8 groups), decoded and transposed: pair j of
-// group 8b + k of row n + i at quotients[((i * kChunkBlocks + b - b0) * 8 + j) * 16 + 2k]; the
-// groups' scales at scales[(i * kChunkBlocks + b - b0) * 8 + k].
-struct DecodedChunk {
-  alignas(32) int16_t quotients[2 * kChunkBlocks * 8 * 16];
-  alignas(32) float scales[2 * kChunkBlocks * 8];
+// Rows [n, n + rows) of W over blocks [b0, b1), decoded and transposed: pair j (weights 2j, 2j+1)
+// of group 8b + k of row n + i at quotients[(slot(i, b) * 8 + j) * 16 + 2k], its scale at
+// scales[slot(i, b) * 8 + k], slot(i, b) = i * kChunkBlocks + b - b0.
+struct DecodedStrip {
+  alignas(32) int16_t quotients[kStripRows * kChunkBlocks * 8 * 16];
+  alignas(32) float scales[kStripRows * kChunkBlocks * 8];
 };
 
 template <int D>
-bool decode_chunk(const Context<D>& c, int64_t n, int count, int64_t b0, int64_t b1, bool check,
-                  DecodedChunk& chunk) {
+bool decode_strip(const Context<D>& c, int64_t n, int64_t rows, int64_t b0, int64_t b1,
+                  bool check, DecodedStrip& strip) {
   constexpr int kBytes = bytes_per_group(D);
+  const QuotientDecoder<D> decode = c.decode;
   const int64_t groups = c.w.groups();
-  uint32_t bad_index = 0;
-  for (int i = 0; i < count; ++i) {
+  unsigned largest_index = 0;
+  const int64_t first = b0 * 8 * kBytes;
+  const int64_t last = b1 * 8 < groups ? b1 * 8 * kBytes : c.w.row_bytes();
+  for (int64_t i = 0; i < rows; ++i) {
     const uint8_t* row = c.w.row(n + i);
-    if (check) {
-      const int64_t first = b0 * 8 * kBytes;
-      const int64_t last = b1 * 8 < groups ? b1 * 8 * kBytes : c.w.row_bytes();
-      if (!c.checker.ok(row + first, last - first)) return false;
+    // The same chunk of the next strip's rows: short pieces of many rows, which the hardware
+    // prefetcher does not fetch ahead by itself.
+    if (n + kStripRows + i < c.w.out_features) {
+      const char* next = reinterpret_cast<const char*>(c.w.row(n + kStripRows + i));
+      for (int64_t offset = first; offset < last; offset += 64) _mm_prefetch(next + offset, _MM_HINT_T0);
     }
+    if (check && !c.checker.ok(row + first, last - first)) return false;
     for (int64_t b = b0; b < b1; ++b) {
-      __m256i q[8];
       const int64_t slot = i * kChunkBlocks + (b - b0);
+      __m256i q[8];
       for (int k = 0; k < 8; ++k) {
         const int64_t g = 8 * b + k;
-        if (g >= groups) {
+        if (g >= groups) {  // padding groups of the last block
           q[k] = _mm256_setzero_si256();
-          chunk.scales[slot * 8 + k] = 0.0f;
+          strip.scales[slot * 8 + k] = 0.0f;
           continue;
         }
         const uint8_t* group = row + g * kBytes;
-        q[k] = c.decode(c.load(group));
+        q[k] = decode(c.load(group));
         const unsigned tail0 = group[3 * D];
-        bad_index |= c.tables.index_bad[tail0];
-        chunk.scales[slot * 8 + k] = c.tables.scale[tail0];
+        const unsigned index = c.tables.index[tail0];
+        largest_index = index > largest_index ? index : largest_index;
+        strip.scales[slot * 8 + k] = c.tables.scale[tail0];
       }
       transpose8x32(q);
       for (int j = 0; j < 8; ++j) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(chunk.quotients + (slot * 8 + j) * 16), q[j]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(strip.quotients + (slot * 8 + j) * 16), q[j]);
       }
     }
   }
-  return !(check && bad_index);
+  return !(check && largest_index >= c.w.codebook_size);
 }
 
-// Rows [m, m + MR) of x times rows [n, n + NR) of W over blocks [b0, b1); adds into y (or sets y
-// when `first`).
-template <int D, int MR, int NR>
-void block_product(const Context<D>& c, const DecodedChunk& chunk, int64_t m, int64_t n,
-                   int64_t b0, int64_t b1, bool first) {
-  const int16_t* integers[MR];
-  const int32_t* corr[MR];
-  const float* step[MR];
-  for (int r = 0; r < MR; ++r) {
-    integers[r] = c.layout.integers(c.a.prepared, m + r);
-    corr[r] = c.layout.corr(c.a.prepared, m + r);
-    step[r] = c.layout.step(c.a.prepared, m + r);
-  }
-  __m256 acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int i = 0; i < NR; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t b = b0; b < b1; ++b) {
-    __m256i dot[MR][NR];
-    for (int r = 0; r < MR; ++r)
-      for (int i = 0; i < NR; ++i) dot[r][i] = _mm256_setzero_si256();
-    for (int j = 0; j < 8; ++j) {
-      __m256i wq[NR];
-      for (int i = 0; i < NR; ++i) {
-        wq[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(
-            chunk.quotients + ((i * kChunkBlocks + (b - b0)) * 8 + j) * 16));
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256i xq =
-            _mm256_load_si256(reinterpret_cast<const __m256i*>(integers[r] + 128 * b + 16 * j));
-        for (int i = 0; i < NR; ++i) dot[r][i] = _mm256_add_epi32(dot[r][i], _mm256_madd_epi16(wq[i], xq));
-      }
-    }
-    for (int r = 0; r < MR; ++r) {
-      const __m256i offset = _mm256_load_si256(reinterpret_cast<const __m256i*>(corr[r] + 8 * b));
-      const __m256 s = _mm256_load_ps(step[r] + 8 * b);
-      for (int i = 0; i < NR; ++i) {
-        const __m256 scale = _mm256_mul_ps(s, _mm256_load_ps(chunk.scales + (i * kChunkBlocks + (b - b0)) * 8));
-        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[r][i], offset)), scale,
-                                    acc[r][i]);
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int i = 0; i < NR; ++i) {
-      float& out = c.y[(m + r) * c.w.out_features + n + i];
-      const float sum = horizontal_sum(acc[r][i]);
-      out = first ? sum : out + sum;
-    }
-  }
-}
-
+// Row m of x times rows [i, i + NR) of the strip (rows n + i of W) over blocks [b0, b1); adds
+// into y (or sets y when `first`). Per block: 8 steps of one load of x feeding NR int16
+// multiply-adds (W straight from the strip in L1) into NR int32 accumulators, which start at
+// the row's corr; then one float update per row of W. One row of x against many rows of W
+// beats other register blockings here: NR accumulators, x and a temporary fit the 16 AVX2
+// registers without spills, and W's loads come from L1.
 template <int D, int NR>
-void block_products(const Context<D>& c, const DecodedChunk& chunk, int64_t m0, int64_t m1,
-                    int64_t n, int64_t b0, int64_t b1, bool first) {
-  int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) block_product<D, 4, NR>(c, chunk, m, n, b0, b1, first);
-  switch (m1 - m) {
-    case 1: block_product<D, 1, NR>(c, chunk, m, n, b0, b1, first); break;
-    case 2: block_product<D, 2, NR>(c, chunk, m, n, b0, b1, first); break;
-    case 3: block_product<D, 3, NR>(c, chunk, m, n, b0, b1, first); break;
-    default: break;
+void strip_row_product(const Context<D>& c, const DecodedStrip& strip, int64_t i, int64_t m,
+                       int64_t n, int64_t b0, int64_t b1, bool first) {
+  const int16_t* integers = c.layout.integers(c.a.prepared, m);
+  const int32_t* corr = c.layout.corr(c.a.prepared, m);
+  const float* step = c.layout.step(c.a.prepared, m);
+  alignas(32) float sums[NR][8] = {};
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t slot = i * kChunkBlocks + (b - b0);
+    const int16_t* wq = strip.quotients + slot * 8 * 16;
+    const __m256i offset = _mm256_load_si256(reinterpret_cast<const __m256i*>(corr + 8 * b));
+    __m256i dot[NR];
+    for (int k = 0; k < NR; ++k) dot[k] = offset;
+#pragma GCC unroll 1
+    for (int j = 0; j < 8; ++j) {
+      const __m256i xj = _mm256_load_si256(reinterpret_cast<const __m256i*>(integers + 128 * b + 16 * j));
+      for (int k = 0; k < NR; ++k) {
+        const __m256i wj = _mm256_load_si256(
+            reinterpret_cast<const __m256i*>(wq + (k * kChunkBlocks * 8 + j) * 16));
+        dot[k] = _mm256_add_epi32(dot[k], _mm256_madd_epi16(wj, xj));
+      }
+    }
+    const __m256 s = _mm256_load_ps(step + 8 * b);
+    for (int k = 0; k < NR; ++k) {
+      const __m256 scale = _mm256_mul_ps(s, _mm256_load_ps(strip.scales + (slot + k * kChunkBlocks) * 8));
+      _mm256_store_ps(sums[k], _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[k]), scale, _mm256_load_ps(sums[k])));
+    }
+  }
+  for (int k = 0; k < NR; ++k) {
+    float& out = c.y[m * c.w.out_features + n + k];
+    const float sum = horizontal_sum(_mm256_load_ps(sums[k]));
+    out = first ? sum : out + sum;
   }
 }
 
 template <int D>
 bool blocked(const Context<D>& c, int64_t m0, int64_t m1, int64_t n0, int64_t n1, bool check) {
   const int64_t blocks = c.layout.padded_groups / 8;
-  DecodedChunk chunk;
+  DecodedStrip strip;
   for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
     const int64_t b1 = b0 + kChunkBlocks < blocks ? b0 + kChunkBlocks : blocks;
-    for (int64_t n = n0; n < n1; n += 2) {
-      const int count = n + 2 <= n1 ? 2 : 1;
-      if (!decode_chunk(c, n, count, b0, b1, check, chunk)) return false;
-      if (count == 2) {
-        block_products<D, 2>(c, chunk, m0, m1, n, b0, b1, b0 == 0);
-      } else {
-        block_products<D, 1>(c, chunk, m0, m1, n, b0, b1, b0 == 0);
+    const bool first = b0 == 0;
+    for (int64_t n = n0; n < n1; n += kStripRows) {
+      const int64_t rows = n + kStripRows <= n1 ? kStripRows : n1 - n;
+      if (!decode_strip(c, n, rows, b0, b1, check, strip)) return false;
+      for (int64_t m = m0; m < m1; ++m) {
+        if (rows == kStripRows) {
+          strip_row_product<D, kStripRows>(c, strip, 0, m, n, b0, b1, first);
+          continue;
+        }
+        int64_t i = 0;  // a last, partial strip
+        for (; i + 4 <= rows; i += 4) strip_row_product<D, 4>(c, strip, i, m, n + i, b0, b1, first);
+        for (; i + 2 <= rows; i += 2) strip_row_product<D, 2>(c, strip, i, m, n + i, b0, b1, first);
+        for (; i < rows; ++i) strip_row_product<D, 1>(c, strip, i, m, n + i, b0, b1, first);
       }
     }
   }

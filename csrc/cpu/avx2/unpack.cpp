@@ -22,7 +22,7 @@ bool unpack_rows_at_depth(const PackedWeight& w, int64_t n0, int64_t n1, float* 
   const int64_t full_groups = k_size / kGroupSize;
   const int64_t groups = w.groups();
   constexpr int kBytes = bytes_per_group(D);
-  uint32_t bad_index = 0;
+  unsigned largest_index = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.row(n);
     if (!checker.ok(row, w.row_bytes())) return false;
@@ -31,7 +31,8 @@ bool unpack_rows_at_depth(const PackedWeight& w, int64_t n0, int64_t n1, float* 
       const uint8_t* group = row + g * kBytes;
       const __m256i level = decode(load(group));
       const unsigned tail0 = group[3 * D];
-      bad_index |= tables.index_bad[tail0];
+      const unsigned index = tables.index[tail0];
+      largest_index = index > largest_index ? index : largest_index;
       const __m256 scale = _mm256_broadcast_ss(&tables.scale[tail0]);
       const __m256 lo = _mm256_mul_ps(
           _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(level))), scale);
@@ -48,7 +49,7 @@ bool unpack_rows_at_depth(const PackedWeight& w, int64_t n0, int64_t n1, float* 
       }
     }
   }
-  return bad_index == 0;
+  return largest_index < w.codebook_size;
 }
 
 }  // namespace
