@@ -47,7 +47,7 @@ PATH_CASES = [
     ("generic", 2, torch.float32, 16, 41, 15),
     ("generic", 2, torch.float16, 3, 65, 4000),   # G % 16 != 0
     ("generic", 1, torch.bfloat16, 2, 5, 17),
-    ("gemm", 2, torch.float16, 64, 300, 1024),    # unpacks through the lookup-table decoder
+    ("gemm", 2, torch.float16, 64, 300, 1024),
     ("gemm", 1, torch.bfloat16, 50, 70, 512),
     ("gemm", 4, torch.bfloat16, 20, 7, 333),
     ("gemm", 1, torch.float32, 33, 65, 100),

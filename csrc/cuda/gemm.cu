@@ -30,7 +30,7 @@ void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::T
   for (int64_t first = 0; first < rows; first += chunk) {
     const int64_t n = std::min(chunk, rows - first);
     at::Tensor w = dense.narrow(0, 0, n);
-    unpack_scale_rounded_into(packed.narrow(0, first, n), codebook, depth, in_features, w);
+    unpack_into(packed.narrow(0, first, n), codebook, depth, in_features, w);
     at::Tensor dst = out.narrow(1, first, n);
     at::mm_out(dst, x, w.t());
   }

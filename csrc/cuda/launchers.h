@@ -12,14 +12,10 @@ namespace tritllm {
 namespace cuda {
 
 // Dense W rows: out [rows, in_features] (contiguous, float32/float16/bfloat16) from the `rows`
-// rows of packed (a row slice is fine: it only has to be contiguous).          unpack.cu
-//   unpack_into: exactly the format's definition (float32 product, rounded once);
-//   unpack_scale_rounded_into: faster at depth 1-2, the scale rounded to the output type first
-//   (may differ by one unit in the last place), for products that round anyway.
+// rows of packed (a row slice is fine: it only has to be contiguous), exactly the format's
+// definition (float32 product, rounded once).                                  unpack.cu
 void unpack_into(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
                  int64_t in_features, const at::Tensor& out);
-void unpack_scale_rounded_into(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
-                               int64_t in_features, const at::Tensor& out);
 
 // out [M, N] = x [M, K] @ W.T for M <= kGenericMaxTokens, any depth and dtype, fp32
 // accumulation. Correct everywhere, fast nowhere.                         generic_gemv.cu
