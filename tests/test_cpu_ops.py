@@ -263,8 +263,8 @@ def good_args(depth=2, n=7, k=40):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda a: (a[0].double(),) + a[1:], "must be float32, float16 or bfloat16, got Double"),
-    (lambda a: (a[0].int(),) + a[1:], "must be float32, float16 or bfloat16, got Int"),
+    (lambda a: (a[0].double(),) + a[1:], "x must be float32, float16 or bfloat16, got Double"),
+    (lambda a: (a[0].int(),) + a[1:], "x must be float32, float16 or bfloat16, got Int"),
     (lambda a: (a[0][:, :39],) + a[1:], r"x must have shape \[\.\.\., 40\]"),
     (lambda a: (a[0], a[1].to(torch.int8)) + a[2:], "packed must be uint8"),
     (lambda a: (a[0], a[1][:, :-1]) + a[2:], r"packed must have shape \[N, 21\]"),
