@@ -5,7 +5,6 @@
 
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -52,12 +51,15 @@ __m256i quantize_group(const float* values, float levels, float* step) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   const float largest = _mm_cvtss_f32(m);
-  if (largest == 0.0f) {
+  const float scale = levels / largest;
+  // all zero, or so tiny (largest < 2^-113) that the scale overflows: the group counts as zero
+  // (an error below 2^-113 per activation)
+  if (!(scale <= std::numeric_limits<float>::max())) {
     *step = 0.0f;
     return _mm256_setzero_si256();
   }
   *step = largest / levels;
-  const __m256 inverse = _mm256_set1_ps(levels / largest);
+  const __m256 inverse = _mm256_set1_ps(scale);
   // round to nearest (the MXCSR default); the same rounding of x_{j-1} gives i_{j-1}
   const __m256i i_lo = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inverse));
   const __m256i i_hi = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inverse));

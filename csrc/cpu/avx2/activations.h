@@ -6,7 +6,7 @@
 //   integer   i_j = round(x_j / s), |i_j| <= Q, so |x_j - s i_j| <= s / 2 (2^-14 max|x| for Q = 8191)
 //   x'_j      i_j - 3 i_{j-1} for j % 5 != 0 and j < 15, else i_j  (|x'| <= 4 Q, fits int16)
 // A group holding a NaN or an infinity gets s = NaN (and integers 0): the rows of y that use it
-// come out NaN.
+// come out NaN. A group whose largest |x| is 0 or below 2^-113 gets s = 0 and integers 0.
 //
 // Only AVX2 translation units include this header (its inline code is compiled with -mavx2).
 #pragma once
