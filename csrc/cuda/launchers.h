@@ -1,0 +1,40 @@
+// Host-side entry points of the CUDA kernels (one .cu file each) used by register.cu.
+//
+// Every launcher takes tensors already checked by csrc/checks.h (packed uint8 [N, G*B(depth)]
+// contiguous, codebook float32 [C] contiguous, all on the current CUDA device), enqueues its work
+// on the current stream and never synchronizes with the host, so the ops can be captured in CUDA
+// graphs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace tritllm {
+namespace cuda {
+
+// Dense W rows: out [rows, in_features] (contiguous, float32/float16/bfloat16) from the `rows`
+// rows of packed (a row slice is fine: it only has to be contiguous), exactly the format's
+// definition (float32 product, rounded once).                                  unpack.cu
+void unpack_into(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
+                 int64_t in_features, const at::Tensor& out);
+
+// out [M, N] = x [M, K] @ W.T for M <= kGenericMaxTokens, any depth and dtype, fp32
+// accumulation. Correct everywhere, fast nowhere.                         generic_gemv.cu
+constexpr int64_t kGenericMaxTokens = 16;
+void generic_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                       int64_t depth, const at::Tensor& out);
+
+// The decode kernel: a byte-to-digits lookup table in shared memory, dequantization in registers
+// and tensor-core products, for depth 1 and 2, float16/bfloat16 x and M <= kLutMaxTokens.
+// lut_gemv_supports says whether it can run the call (shapes, alignment, device).  lut_gemv.cu
+constexpr int64_t kLutMaxTokens = 16;
+bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
+void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                   int64_t depth, const at::Tensor& out);
+
+// out [M, N] = x @ W.T for any M: W is unpacked chunk by chunk into a reused buffer small enough
+// to stay in L2, each chunk followed by a cuBLAS product (at::mm) on the same stream.  gemm.cu
+void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                      int64_t depth, const at::Tensor& out);
+
+}  // namespace cuda
+}  // namespace tritllm

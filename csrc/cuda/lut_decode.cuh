@@ -1,0 +1,180 @@
+// The lookup-table decoder of depth-1 and depth-2 groups used by the fused product
+// (lut_gemv.cu). docs/KERNEL_NOTES.md explains the design.
+//
+// Decoding one group (d = 2: plane bytes P0b0 P0b1 P0b2 P1b0 P1b1 P1b2, tail T; d = 1 has no
+// P1 bytes):
+//  * A byte v is looked up in a shared-memory table of 256 rows, one 8-byte entry per lane
+//    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
+//    digits as float16/bfloat16. One byte_perm turns the byte straight into its row offset
+//    v * 256 + lane * 8.
+//  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
+//  * The fifth digit of a byte is v / 81, and the tail holds n15 = T / 27 and idx = T % 27.
+//    Both divisions are one multiply-high of the row offset (exact for every byte and lane;
+//    tests/test_cuda_ops.py checks the identity), and idx * 256 + lane * 8 is the offset of
+//    the scale entry {pair(s, s), pair(-L s, -L s)} in the scale table.
+//  * Each pair of levels n becomes n * s - L * s in one paired FMA, rounded once.
+#pragma once
+
+#include "device_common.cuh"
+
+namespace tritllm {
+namespace cuda {
+namespace lut {
+
+constexpr int kTableRow = 256;  // bytes of one table row: 32 lanes x 8 bytes
+constexpr int kDigitTableBytes = 256 * kTableRow;
+constexpr int kScaleTableBytes = kMaxCodebook * kTableRow;
+constexpr int kTableBytes = kDigitTableBytes + kScaleTableBytes;  // scale table follows digits
+
+// floor(a / (81 * 256)) and floor(a / (27 * 256)) for a row offset a = v * 256 + lane * 8:
+// they equal v / 81 and v / 27 for every byte v and lane (tests/test_cuda_ops.py).
+constexpr uint32_t kDiv81Rows = 207127;  // ceil(2^32 / 20736)
+constexpr uint32_t kDiv27Rows = 621379;  // ceil(2^32 / 6912)
+
+// Paired 16-bit arithmetic and the tensor-core product for each activation type, on pairs held
+// in 32-bit registers. A level n (0..12) becomes a number by writing it into the mantissa of
+// kMagic (n + kMagicValue exactly) and subtracting kMagicValue.
+template <typename T>
+struct Pair;
+
+template <>
+struct Pair<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // half2(1024, 1024)
+  static constexpr float kMagicValue = 1024.f;
+  static constexpr uint32_t kOne = 0x3C00u, kTwo = 0x4000u;  // 1 and 2 as bits
+  __device__ static __forceinline__ __half2 as(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+  __device__ static __forceinline__ uint32_t bits(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits(__hfma2(as(a), as(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, float b, uint32_t c) {
+    return bits(__hfma2(as(a), __float2half2_rn(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t add(uint32_t a, float b) {
+    return bits(__hadd2(as(a), __float2half2_rn(b)));
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+template <>
+struct Pair<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bfloat162(128, 128)
+  static constexpr float kMagicValue = 128.f;
+  static constexpr uint32_t kOne = 0x3F80u, kTwo = 0x4000u;
+  __device__ static __forceinline__ __nv_bfloat162 as(uint32_t v) {
+    return *reinterpret_cast<__nv_bfloat162*>(&v);
+  }
+  __device__ static __forceinline__ uint32_t bits(__nv_bfloat162 v) {
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits(__hfma2(as(a), as(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, float b, uint32_t c) {
+    return bits(__hfma2(as(a), __float2bfloat162_rn(b), as(c)));
+  }
+  __device__ static __forceinline__ uint32_t add(uint32_t a, float b) {
+    return bits(__hadd2(as(a), __float2bfloat162_rn(b)));
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+// Fills the digit table and the scale table (kTableBytes at `tables`); all threads of the block
+// take part, and the caller synchronizes before use.
+template <int DEPTH, typename T>
+__device__ __forceinline__ void build_tables(uint8_t* tables, const float* __restrict__ codebook,
+                                             int codebook_size) {
+  using P = Pair<T>;
+  auto bits = [](uint32_t digit) { return digit == 0 ? 0u : digit == 1 ? P::kOne : P::kTwo; };
+  for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {  // 16 stores of 2 lanes per row
+    const uint32_t v = e / 16;
+    const uint32_t lo = bits(trit_digit(v, 0)) | bits(trit_digit(v, 1)) << 16;
+    const uint32_t hi = bits(trit_digit(v, 2)) | bits(trit_digit(v, 3)) << 16;
+    reinterpret_cast<uint4*>(tables + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
+  }
+  uint8_t* scales = tables + kDigitTableBytes;
+  for (int e = threadIdx.x; e < kMaxCodebook * 16; e += blockDim.x) {
+    const int idx = e / 16;
+    // Indices >= codebook_size occur only in corrupt data: any finite scale will do.
+    const float s = to_float(from_float<T>(idx < codebook_size ? codebook[idx] : 0.f));
+    const float minus_ls = -max_level(DEPTH) * s;  // exact: L is 1 or 4
+    const uint32_t s2 = pack2<T>(s, s), o2 = pack2<T>(minus_ls, minus_ls);
+    reinterpret_cast<uint4*>(scales + idx * kTableRow)[e % 16] = make_uint4(s2, o2, s2, o2);
+  }
+}
+
+// Byte `byte` of a lane's bytes (held in 32-bit words) -> its table address byte * 256 + lane * 8.
+// Called from fully unrolled loops, so `byte` is a constant and this is one PRMT.
+template <int kWords>
+__device__ __forceinline__ uint32_t table_address(const uint32_t (&word)[kWords], int byte,
+                                                  uint32_t lane_offset) {
+  return __byte_perm(word[byte / 4], lane_offset, 0x5504u | ((byte % 4) << 4));
+}
+
+// 8-byte entry at `offset` of a table whose shared-space address is `table` (the sum folds into
+// the load's addressing when `table` is warp-uniform).
+__device__ __forceinline__ uint2 load_entry(uint32_t table, uint32_t offset) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(table + offset));
+  return v;
+}
+
+// The group starting at byte `group * B` of a lane's bytes -> its 16 dequantized weights as 8
+// pairs, in the order (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15). `tables` is the
+// shared-space address of build_tables' output.
+template <int DEPTH, typename T, int kWords>
+__device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords], int group,
+                                                   uint32_t lane_offset, uint32_t tables,
+                                                   uint32_t (&w)[8]) {
+  using P = Pair<T>;
+  const uint32_t digits = tables, scales = tables + kDigitTableBytes;
+  const int first = group * bytes_per_group(DEPTH);
+  uint32_t pair[6], top[3];
+#pragma unroll
+  for (int b = 0; b < 3; ++b) {  // weights 5b..5b+4
+    const uint32_t a0 = table_address(word, first + b, lane_offset);  // plane 0
+    const uint2 e0 = load_entry(digits, a0);
+    top[b] = __umulhi(a0, kDiv81Rows);
+    pair[2 * b] = e0.x;
+    pair[2 * b + 1] = e0.y;
+    if (DEPTH == 2) {
+      const uint32_t a1 = table_address(word, first + 3 + b, lane_offset);  // plane 1
+      const uint2 e1 = load_entry(digits, a1);
+      top[b] += 3 * __umulhi(a1, kDiv81Rows);
+      pair[2 * b] = P::fma(e1.x, 3.f, e0.x);
+      pair[2 * b + 1] = P::fma(e1.y, 3.f, e0.y);
+    }
+  }
+  const uint32_t tail = table_address(word, first + 3 * DEPTH, lane_offset);
+  const uint32_t n15 = __umulhi(tail, kDiv27Rows);
+  const uint2 scale = load_entry(scales, tail - 27u * 256u * n15);  // {s2, -L*s2}
+  // Levels of weights (4, 9) and (14, 15) as numbers: magic + n, minus magic.
+  const uint32_t q1 = P::add(top[0] + P::kMagic + (top[1] << 16), -P::kMagicValue);
+  const uint32_t q2 = P::add(top[2] + P::kMagic + (n15 << 16), -P::kMagicValue);
+#pragma unroll
+  for (int i = 0; i < 6; ++i) w[i] = P::fma(pair[i], scale.x, scale.y);
+  w[6] = P::fma(q1, scale.x, scale.y);
+  w[7] = P::fma(q2, scale.x, scale.y);
+}
+
+}  // namespace lut
+}  // namespace cuda
+}  // namespace tritllm

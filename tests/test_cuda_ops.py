@@ -1,0 +1,299 @@
+"""CUDA implementations of torch.ops.tritllm.unpack / matmul (csrc/cuda).
+
+matmul takes one of three paths (csrc/cuda/register.cu); every test names the path it means to
+cover, and the shapes are chosen so that each path meets odd M and N, K not a multiple of 16,
+several K-splits and partial row blocks:
+  * "lut"      depth 1-2, float16/bfloat16 x, whole 256-weight runs, M <= 48;
+  * "generic"  any other call with M <= 16;
+  * "gemm"     the rest: W unpacked chunk by chunk, cuBLAS.
+
+References are float64, built from the Python codec (tritllm_ext/format.py) by the Weight helper
+of tests/test_cpu_ops.py. Two kinds of data:
+  * exact data: scales are powers of two and activations small integers, so every product and
+    every float32 sum is exact on every path and the output must equal the float64 reference
+    rounded to the output type, bit for bit (this also catches any output element a kernel
+    forgot to write: outputs are allocated over NaN-poisoned memory);
+  * random data: normal activations, random scales; the error, relative to the reference's norm,
+    must stay under the rounding of W to the activation type (the fast path multiplies in that
+    type): 2e-3 for float16, 1.5e-2 for bfloat16, 1e-5 for float32.
+GPU tests skip without CUDA. Shapes stay small so that compute-sanitizer runs them in minutes:
+  compute-sanitizer --tool memcheck python -m pytest tests/test_cuda_ops.py -k "not compile"
+"""
+import pytest
+import torch
+
+import tritllm_ext  # noqa: F401  (registers the ops and their fake kernels)
+from tritllm_ext import format as fmt
+from test_cpu_ops import Weight
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = "cuda"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+# (path, depth, dtype, M, N, K)
+PATH_CASES = [
+    ("lut", 2, torch.float16, 1, 37, 256),
+    ("lut", 2, torch.bfloat16, 3, 300, 4352),     # 17 runs: two K-splits of 9 and 8 warps
+    ("lut", 2, torch.float16, 5, 23, 4090),       # K % 16 != 0 but whole runs of groups
+    ("lut", 1, torch.float16, 8, 17, 512),
+    ("lut", 1, torch.bfloat16, 9, 64, 768),       # two token tiles
+    ("lut", 2, torch.float16, 16, 5, 256),
+    ("lut", 2, torch.bfloat16, 17, 33, 1024),     # two slices of tokens
+    ("lut", 1, torch.float16, 48, 20, 512),
+    ("lut", 2, torch.float16, 2, 32000, 256),     # several tiles per persistent CUDA block
+    ("generic", 3, torch.float16, 1, 37, 333),
+    ("generic", 4, torch.bfloat16, 7, 9, 100),
+    ("generic", 2, torch.float32, 16, 41, 15),
+    ("generic", 2, torch.float16, 3, 65, 4000),   # G % 16 != 0
+    ("generic", 1, torch.bfloat16, 2, 5, 17),
+    ("gemm", 2, torch.float16, 64, 300, 1024),
+    ("gemm", 1, torch.bfloat16, 50, 70, 512),
+    ("gemm", 4, torch.bfloat16, 20, 7, 333),
+    ("gemm", 1, torch.float32, 33, 65, 100),
+    ("gemm", 3, torch.float32, 49, 1000, 8192),   # several L2-sized chunks of W
+]
+
+
+class CudaWeight:
+    """A Weight (tests/test_cpu_ops.py) kept on the host as `host`, with its bytes and codebook
+    copied to the GPU; with `exact`, its scales are powers of two (see above)."""
+
+    def __init__(self, n, k, depth, seed, exact):
+        self.host = Weight(n, k, depth, seed=seed)
+        if exact:
+            gen = torch.Generator().manual_seed(seed + 1)
+            power = torch.randint(-2, 3, self.host.codebook.shape, generator=gen)
+            sign = torch.randint(0, 2, self.host.codebook.shape, generator=gen) * 2 - 1
+            self.host.codebook = (sign * 2.0 ** power).float()
+        self.packed = self.host.packed.to(DEVICE)
+        self.codebook = self.host.codebook.to(DEVICE)
+        self.depth, self.shape = depth, self.host.shape
+
+
+def activations(shape, dtype, seed, exact):
+    gen = torch.Generator().manual_seed(seed)
+    if exact:
+        return torch.randint(-3, 4, shape, generator=gen).to(dtype)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def reference(x, w):
+    """float64 x @ W.T from the codec: W = codebook[idx] * level."""
+    return x.double().cpu() @ w.host.dense64().T
+
+
+def poison(shape, dtype):
+    """Leave a NaN-filled block of this size in the caching allocator, so that the next tensor of
+    this size very likely starts out as NaN."""
+    block = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    del block
+
+
+def matmul(x, w):
+    poison((*x.shape[:-1], w.shape[0]), x.dtype)
+    return torch.ops.tritllm.matmul(x, w.packed, w.codebook, w.depth, w.shape[1])
+
+
+@pytest.fixture(autouse=True)
+def _exact_cublas_sums():
+    """cuBLAS may add float16/bfloat16 split-K partial sums in 16 bits; the exact tests need the
+    float32 sums the op promises."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = (flags.allow_fp16_reduced_precision_reduction,
+             flags.allow_bf16_reduced_precision_reduction, flags.allow_tf32)
+    flags.allow_fp16_reduced_precision_reduction = False
+    flags.allow_bf16_reduced_precision_reduction = False
+    flags.allow_tf32 = False
+    yield
+    (flags.allow_fp16_reduced_precision_reduction,
+     flags.allow_bf16_reduced_precision_reduction, flags.allow_tf32) = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# The arithmetic the lookup-table kernel relies on (no GPU needed)
+
+
+def test_table_address_divisions():
+    """lut_gemv.cu turns a byte v into its table address a = v * 256 + lane * 8 and gets v / 81
+    and v / 27 from a by one multiply-high each; the scale entry is at a - 6912 * (v / 27)."""
+    div81, div27 = -(-(1 << 32) // 20736), -(-(1 << 32) // 6912)
+    assert (div81, div27) == (207127, 621379)  # the constants in lut_gemv.cu
+    for v in range(256):
+        for lane in range(32):
+            a = v * 256 + lane * 8
+            if v < 243:
+                assert (a * div81) >> 32 == v // 81
+            n15 = (a * div27) >> 32
+            assert n15 == v // 27
+            assert a - 6912 * n15 == (v % 27) * 256 + lane * 8  # always inside the 27-entry table
+
+
+# ------------------------------------------------------------------------------------------------
+# unpack
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth", fmt.DEPTHS)
+def test_unpack_is_bit_exact(dtype, depth):
+    for i, k in enumerate((1, 15, 16, 17, 100, 333, 4096)):
+        w = CudaWeight(2 * i + 3, k, depth, seed=k, exact=False)
+        poison(w.shape, dtype)
+        out = torch.ops.tritllm.unpack(w.packed, w.codebook, depth, k, dtype)
+        assert out.dtype == dtype and out.shape == w.shape and out.is_cuda
+        assert torch.equal(out.cpu(), w.host.dense(dtype)), f"K={k}"
+
+
+# ------------------------------------------------------------------------------------------------
+# matmul
+
+
+@cuda_only
+@pytest.mark.parametrize("path,depth,dtype,m,n,k", PATH_CASES)
+def test_matmul_exact_data_is_bit_exact(path, depth, dtype, m, n, k):
+    w = CudaWeight(n, k, depth, seed=m * 1000 + n, exact=True)
+    x = activations((m, k), dtype, seed=m + k, exact=True)
+    y = matmul(x.to(DEVICE), w)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert torch.equal(y.cpu(), reference(x, w).to(dtype)), path
+
+
+@cuda_only
+@pytest.mark.parametrize("path,depth,dtype,m,n,k", PATH_CASES)
+def test_matmul_random_data_within_tolerance(path, depth, dtype, m, n, k):
+    w = CudaWeight(n, k, depth, seed=m * 1000 + n + 1, exact=False)
+    x = activations((m, k), dtype, seed=m + k + 1, exact=False)
+    y = matmul(x.to(DEVICE), w).cpu()
+    ref = reference(x, w)
+    assert torch.isfinite(y).all()
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel < RELATIVE_TOLERANCE[dtype], f"{path}: relative error {rel:.3g}"
+
+
+@cuda_only
+@pytest.mark.parametrize("depth,dtype", [(2, torch.float16), (1, torch.bfloat16), (3, torch.float32)])
+def test_matmul_3d_and_noncontiguous_x(depth, dtype):
+    w = CudaWeight(23, 512, depth, seed=3, exact=True)
+    base = activations((2, 5, 1024), dtype, seed=4, exact=True).to(DEVICE)
+    x = base[..., ::2]  # 3-D and not contiguous
+    assert not x.is_contiguous()
+    y = matmul(x, w)
+    assert y.shape == (2, 5, 23)
+    assert torch.equal(y.cpu(), reference(x.reshape(10, 512), w).to(dtype).reshape(2, 5, 23))
+    xt = activations((512, 6), dtype, seed=5, exact=True).to(DEVICE).T  # transposed
+    assert torch.equal(matmul(xt, w).cpu(), reference(xt, w).to(dtype))
+
+
+@cuda_only
+def test_matmul_nonfinite_x_poisons_only_its_row():
+    w = CudaWeight(9, 256, 2, seed=11, exact=False)
+    x = torch.randn(3, 256).half().to(DEVICE)
+    x[1, 20] = float("inf")
+    y = matmul(x, w)
+    assert not torch.isfinite(y[1]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("depth,dtype,m,k", [(2, torch.float16, 1, 256), (1, torch.bfloat16, 20, 512),
+                                             (3, torch.float32, 2, 100), (4, torch.float16, 64, 40)])
+def test_corrupt_bytes_stay_in_bounds(depth, dtype, m, k):
+    """The CUDA ops do not read contents to check them (docs/FORMAT.md, Validation): bytes >= 243
+    and scale indices past the codebook give wrong numbers, never an out-of-bounds access
+    (compute-sanitizer checks the accesses)."""
+    n = 40
+    packed = torch.full((n, fmt.packed_row_bytes(k, depth)), 255, dtype=torch.uint8, device=DEVICE)
+    codebook = torch.ones(1, device=DEVICE)
+    x = torch.ones(m, k, dtype=dtype, device=DEVICE)
+    assert torch.ops.tritllm.matmul(x, packed, codebook, depth, k).shape == (m, n)
+    assert torch.ops.tritllm.unpack(packed, codebook, depth, k, dtype).shape == (n, k)
+    torch.cuda.synchronize()
+
+
+@cuda_only
+def test_empty_shapes():
+    w = CudaWeight(0, 256, 2, seed=1, exact=False)
+    assert torch.ops.tritllm.unpack(w.packed, w.codebook, 2, 256, torch.float16).shape == (0, 256)
+    assert matmul(torch.randn(3, 256).half().to(DEVICE), w).shape == (3, 0)
+    w = CudaWeight(5, 256, 2, seed=1, exact=False)
+    assert matmul(torch.randn(0, 256).half().to(DEVICE), w).shape == (0, 5)
+
+
+@cuda_only
+def test_arguments_on_different_devices_raise():
+    w = CudaWeight(7, 40, 2, seed=1, exact=False)
+    with pytest.raises(RuntimeError, match="x is on cpu but the weight is on cuda"):
+        torch.ops.tritllm.matmul(torch.randn(2, 40), w.packed, w.codebook, 2, 40)
+    with pytest.raises(RuntimeError, match="codebook is on cpu but packed is on cuda"):
+        torch.ops.tritllm.unpack(w.packed, w.codebook.cpu(), 2, 40, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streams, CUDA graphs, torch.compile
+
+
+@cuda_only
+@pytest.mark.parametrize("path,depth,dtype,m,n,k", [
+    ("lut", 2, torch.float16, 1, 300, 4352), ("generic", 3, torch.bfloat16, 4, 33, 100),
+    ("gemm", 2, torch.float16, 64, 65, 512)])
+def test_cuda_graph_replay_equals_eager(path, depth, dtype, m, n, k):
+    w = CudaWeight(n, k, depth, seed=n, exact=False)
+    x = activations((m, k), dtype, seed=k, exact=False).to(DEVICE)
+    eager = matmul(x, w)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture, as torch.cuda.graphs asks
+        matmul(x, w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.tritllm.matmul(x, w.packed, w.codebook, depth, k)
+    for _ in range(2):
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager), path
+    x.copy_(activations((m, k), dtype, seed=k + 1, exact=False))  # replays read the new input
+    graph.replay()
+    assert torch.equal(captured, matmul(x, w)), path
+
+
+@cuda_only
+def test_runs_on_the_current_stream():
+    w = CudaWeight(300, 4352, 2, seed=2, exact=True)
+    x = activations((2, 4352), torch.float16, seed=3, exact=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the weight's copies to the GPU
+    with torch.cuda.stream(stream):
+        y = matmul(x.to(DEVICE), w)
+        unpacked = torch.ops.tritllm.unpack(w.packed, w.codebook, 2, 4352, torch.float16)
+    stream.synchronize()
+    assert torch.equal(y.cpu(), reference(x, w).half())
+    assert torch.equal(unpacked.cpu(), w.host.dense(torch.float16))
+
+
+class _TritModule(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("packed", w.packed)
+        self.register_buffer("codebook", w.codebook)
+        self.depth, self.k = w.depth, w.shape[1]
+
+    def forward(self, x):
+        y = torch.ops.tritllm.matmul(x, self.packed, self.codebook, self.depth, self.k)
+        return torch.relu(y) * 2
+
+
+@cuda_only
+def test_torch_compile_reduce_overhead_matches_eager():
+    torch._dynamo.reset()
+    w = CudaWeight(64, 512, 2, seed=9, exact=False)
+    module = _TritModule(w)
+    compiled = torch.compile(module, mode="reduce-overhead")
+    for m in (1, 1, 1, 4, 4, 4):  # repeated calls reach the CUDA-graph replays
+        x = activations((m, 512), torch.float16, seed=m, exact=False).to(DEVICE)
+        assert torch.equal(compiled(x).clone(), module(x))

@@ -1,0 +1,90 @@
+"""Fake (meta) kernels and Python wrappers of the torch.ops.tritllm operators.
+
+The device kernels are C++ (csrc/cpu, csrc/cuda); the schemas are in csrc/ops.cpp. The fake
+kernels below let torch.compile, meta tensors and CUDA graphs reason about the ops without data:
+they run every check that needs no tensor contents, with the same messages as csrc/checks.cpp.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (defines torch.ops.tritllm.* before the fakes are registered)
+from .format import DEPTHS, MAX_CODEBOOK, packed_row_bytes
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_weight(packed: torch.Tensor, codebook: torch.Tensor, depth: int,
+                  in_features: int) -> None:
+    torch._check(depth in DEPTHS, lambda: f"tritllm: depth must be 1, 2, 3 or 4, got {depth}")
+    torch._check(in_features >= 1, lambda: f"tritllm: in_features must be >= 1, got {in_features}")
+    torch._check(packed.dtype == torch.uint8,
+                 lambda: f"tritllm: packed must be uint8, got {packed.dtype}")
+    row = packed_row_bytes(in_features, depth)
+    torch._check(packed.dim() == 2 and packed.shape[1] == row,
+                 lambda: f"tritllm: packed must have shape [N, {row}] for in_features="
+                         f"{in_features} at depth {depth}, got {tuple(packed.shape)}")
+    torch._check(packed.is_contiguous(), lambda: "tritllm: packed must be contiguous")
+    torch._check(codebook.dtype == torch.float32,
+                 lambda: f"tritllm: codebook must be float32, got {codebook.dtype}")
+    torch._check(codebook.dim() == 1 and 1 <= codebook.shape[0] <= MAX_CODEBOOK,
+                 lambda: "tritllm: codebook must be 1-D with 1 to 27 entries, got shape "
+                         f"{tuple(codebook.shape)}")
+    torch._check(codebook.is_contiguous(), lambda: "tritllm: codebook must be contiguous")
+    torch._check(codebook.device == packed.device,
+                 lambda: f"tritllm: codebook is on {codebook.device} but packed is on "
+                         f"{packed.device}")
+
+
+def _check_float_dtype(dtype: torch.dtype, what: str) -> None:
+    torch._check(dtype in _FLOAT_DTYPES,
+                 lambda: f"tritllm: {what} must be float32, float16 or bfloat16, got {dtype}")
+
+
+@torch.library.register_fake("tritllm::unpack")
+def _unpack_fake(packed, codebook, depth, in_features, dtype):
+    _check_weight(packed, codebook, depth, in_features)
+    _check_float_dtype(dtype, "dtype")
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.register_fake("tritllm::matmul")
+def _matmul_fake(x, packed, codebook, depth, in_features):
+    _check_weight(packed, codebook, depth, in_features)
+    _check_float_dtype(x.dtype, "x")
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_features,
+                 lambda: f"tritllm: x must have shape [..., {in_features}], got {tuple(x.shape)}")
+    torch._check(x.device == packed.device,
+                 lambda: f"tritllm: x is on {x.device} but the weight is on {packed.device}")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def matmul(x: torch.Tensor, tw) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] in x's dtype, for a TritWeight-like `tw` (attributes packed,
+    codebook, depth, shape = (N, K))."""
+    return torch.ops.tritllm.matmul(x, tw.packed, tw.codebook, tw.depth, tw.shape[1])
+
+
+def unpack(tw, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The dense weight W [N, K] of a TritWeight-like `tw` in `dtype`, bit-exact with
+    float32(codebook[idx]) * float32(level) rounded once to dtype."""
+    return torch.ops.tritllm.unpack(tw.packed, tw.codebook, tw.depth, tw.shape[1], dtype)
+
+
+def set_cpu_kernel(name: str) -> str:
+    """Make the CPU ops use the kernel set `name` ("scalar", "avx2", "avx512" or "auto" for the
+    best this CPU runs); raises RuntimeError if it is not available. Returns the active set's
+    name. The environment variable TRITLLM_CPU_KERNEL sets the initial choice."""
+    if not name:
+        raise ValueError("set_cpu_kernel: name must be 'scalar', 'avx2', 'avx512' or 'auto'")
+    return torch.ops.tritllm._cpu_kernel(name)
+
+
+def cpu_kernel() -> str:
+    """The name of the CPU kernel set the ops use now."""
+    return torch.ops.tritllm._cpu_kernel("")
+
+
+def cpu_kernels_available() -> list[str]:
+    """The CPU kernel sets this build and CPU can run, best first."""
+    return list(torch.ops.tritllm._cpu_kernels_available())
