@@ -373,12 +373,12 @@ def _scale_alternatives(groups, depth):
         # Subnormal weights carry large relative errors: where the exact test after the
         # prefilter found nothing, search exhaustively.
         subnormal = ((mag32 > 0) & (mag32 < finfo.tiny)).any(-1)
-        hard = (subnormal & survived & ~found).nonzero().squeeze(-1)
-        for hard in hard.split(_CHUNK_HARD_GROUPS):
-            r, l, h = _exhaustive_alternatives(a[hard], b[hard], constrained[hard], lmax)
-            out_group.append(hard[r] + start)
-            out_lo.append(l)
-            out_hi.append(h)
+        hard_groups = (subnormal & survived & ~found).nonzero().squeeze(-1)
+        for part in hard_groups.split(_CHUNK_HARD_GROUPS):
+            r, lo, hi = _exhaustive_alternatives(a[part], b[part], constrained[part], lmax)
+            out_group.append(part[r] + start)
+            out_lo.append(lo)
+            out_hi.append(hi)
     items = _Items(torch.cat(out_group), torch.cat(out_lo), torch.cat(out_hi))
     return items, torch.cat(plus_zero)
 
