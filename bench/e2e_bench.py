@@ -23,11 +23,17 @@ Measured per variant:
       often their top-1 tokens agree.
 --quantize-lm-head adds a variant with lm_head quantized too, reported separately.
 
+On the CPU the decoder layers repeat the values of the first one (--distinct-layers 1): each
+layer still has its own memory, so the bytes streamed per token are those of the full model,
+but the codec runs on one layer's matrices instead of a billion weights (it quantizes about a
+million weights per second on this 2-core machine).
+
 It prints a Markdown table and writes e2e_<device>.json and e2e_<device>.png to --out.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -43,9 +49,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tritllm_ext.demo import build_random_llama, llama_config  # noqa: E402
+from tritllm_ext.demo import build_random_llama, llama_config, rebuild_rotary  # noqa: E402
 from tritllm_ext.generate import Generator  # noqa: E402
-from tritllm_ext.model import quantize_model  # noqa: E402
+from tritllm_ext.model import quantizable_linears  # noqa: E402
 from tritllm_ext.nn import TritLinear  # noqa: E402
 
 # The published configurations (config.json of meta-llama/Llama-3.1-8B and Llama-3.2-1B).
@@ -72,10 +78,10 @@ MODELS = {
 DEFAULTS = {
     "cuda": dict(model="llama-3.1-8b", baselines=["float16"], trit_dtypes=["float16"],
                  batch=[1, 8], prompt_len=128, new_tokens=256, prefill_len=2048, runs=5,
-                 compile=True),
+                 compile=True, distinct_layers=0),
     "cpu": dict(model="llama-3.2-1b", baselines=["float32", "bfloat16"],
-                trit_dtypes=["float32", "bfloat16"], batch=[1], prompt_len=128, new_tokens=256,
-                prefill_len=0, runs=3, compile=False),
+                trit_dtypes=["float32", "bfloat16"], batch=[1], prompt_len=128, new_tokens=32,
+                prefill_len=0, runs=3, compile=False, distinct_layers=1),
 }
 QUICK = {"cuda": dict(new_tokens=16, prefill_len=256, runs=2),
          "cpu": dict(prompt_len=16, new_tokens=8, prefill_len=0, runs=1)}
@@ -87,6 +93,39 @@ TARGETS = {"cuda": {"decode_b1_tokens_per_s": 400, "decode_speedup": 2.5,
                     "prefill_slowdown": 1.2, "quantized_bits_per_weight": 3.5,
                     "model_memory_gb": 5.5},
            "cpu": {"decode_speedup_vs_float32": 3.0}}
+
+
+def repeat_layers(model, distinct: int) -> None:
+    """Copy the weights of decoder layers 0..distinct-1 over the others, cyclically. Every layer
+    keeps its own memory, so a decode step streams exactly the bytes of the full model; only
+    the values repeat. It makes quantization `distinct`/num_layers as long, which matters on
+    the CPU: the codec quantizes about a million weights per second on one core there."""
+    layers = model.model.layers
+    with torch.no_grad():
+        for i in range(distinct, len(layers)):
+            for target, source in zip(layers[i].parameters(), layers[i % distinct].parameters()):
+                target.copy_(source)
+
+
+def quantize_in_place(model, depth: int, distinct: int) -> None:
+    """quantize_model's replacement of every nn.Linear but lm_head by a TritLinear, except that
+    with `distinct` > 0 only layers 0..distinct-1 go through the codec and the later layers,
+    which repeat them (repeat_layers), get their own copies of the packed bytes."""
+    by_name = {}
+    for name in quantizable_linears(model, skip=("lm_head",)):
+        parts = name.split(".")
+        source = name
+        if distinct and parts[:2] == ["model", "layers"]:
+            parts[2] = str(int(parts[2]) % distinct)
+            source = ".".join(parts)
+        if source in by_name:
+            layer = copy.deepcopy(by_name[source])
+        else:
+            layer = TritLinear.from_linear(model.get_submodule(name), depth=depth)
+        by_name[name] = layer
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    model.requires_grad_(False)
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -251,37 +290,58 @@ def measure_variant(name: str, model, args, device, vocab, reference_logits, log
     return variant, logits
 
 
-def run(args, log=print) -> dict:
+def run(args, log=print, save=lambda result: None) -> dict:
+    """Builds, measures and returns the result; `save(result)` is called after each variant,
+    so that a run cut short still leaves what it measured."""
     device = torch.device(args.device)
     config = llama_config(**MODELS[args.model])
     if args.layers:
         config.num_hidden_layers = args.layers
     vocab = config.vocab_size
+    variants = []
+    result = {"benchmark": "e2e", "date": datetime.date.today().isoformat(),
+              "device": device_name(device), "device_type": device.type,
+              "torch": torch.__version__, "model": args.model,
+              "config": {k: getattr(config, k) for k in (
+                  "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "vocab_size")},
+              "depth": args.depth, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
+              "runs": args.runs, "quick": args.quick,
+              "distinct_layers": args.distinct_layers or config.num_hidden_layers,
+              "command": " ".join(sys.argv), "variants": variants}
     torch.manual_seed(SEED)
     log(f"building {args.model} ({config.num_hidden_layers} layers) with random weights in "
         f"{args.baselines[0]} on {device_name(device)}")
     t0 = time.perf_counter()
     model = build_random_llama(config, dtype=dtype_of(args.baselines[0]), device=device,
                                seed=SEED)
+    if args.distinct_layers and args.distinct_layers < config.num_hidden_layers:
+        repeat_layers(model, args.distinct_layers)
+        log(f"  layers repeat the first {args.distinct_layers} (each with its own memory)")
     log(f"  built in {time.perf_counter() - t0:.1f} s")
     logit_ids = random_prompt(1, min(args.prompt_len, 128), vocab, device)
-    variants, reference = [], None
+    reference = None
     for dtype in args.baselines:
         model = model.to(dtype_of(dtype))
+        rebuild_rotary(model, device)
         v, logits = measure_variant(dtype, model, args, device, vocab, reference, logit_ids, log)
         reference = logits if reference is None else reference
         variants.append(v)
+        save(result)
     t0 = time.perf_counter()
-    quantize_model(model, depth=args.depth, skip=("lm_head",), progress=False)
+    quantize_in_place(model, args.depth, args.distinct_layers)
     if device.type == "cuda":
         torch._dynamo.reset()  # drop compiled code that refers to the floating-point layers
     log(f"quantized at depth {args.depth} in {time.perf_counter() - t0:.1f} s")
     trit_logits = {}
     for dtype in args.trit_dtypes:
         model = model.to(dtype_of(dtype))
+        rebuild_rotary(model, device)
         v, trit_logits[dtype] = measure_variant(f"trit d={args.depth} ({dtype})", model, args,
                                                 device, vocab, reference, logit_ids, log)
         variants.append(v)
+        save(result)
     if args.quantize_lm_head:
         model.lm_head = TritLinear.from_linear(model.lm_head, depth=args.depth)
         dtype = args.trit_dtypes[-1]
@@ -290,16 +350,8 @@ def run(args, log=print) -> dict:
         v["logits_vs_trit_fp_lm_head"] = compare_logits(logits, trit_logits[dtype])
         v["optional"] = True
         variants.append(v)
-    return {"benchmark": "e2e", "date": datetime.date.today().isoformat(),
-            "device": device_name(device), "device_type": device.type,
-            "torch": torch.__version__, "model": args.model,
-            "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size",
-                                                       "num_hidden_layers",
-                                                       "num_attention_heads",
-                                                       "num_key_value_heads", "vocab_size")},
-            "depth": args.depth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "prefill_len": args.prefill_len, "runs": args.runs, "quick": args.quick,
-            "command": " ".join(sys.argv), "variants": variants}
+        save(result)
+    return result
 
 
 def _gb(n) -> str:
@@ -436,6 +488,9 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(MODELS), help="shapes to build (default: "
                    "llama-3.1-8b on CUDA, llama-3.2-1b on CPU)")
     p.add_argument("--layers", type=int, default=0, help="keep only this many decoder layers")
+    p.add_argument("--distinct-layers", type=int, help="decoder layers with their own random "
+                   "values; the others repeat them and are quantized by copy (default: all on "
+                   "CUDA, 1 on CPU, where the codec is slow)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on CUDA, "
                    "1 on CPU)")
     p.add_argument("--prompt-len", type=int)
@@ -454,7 +509,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="few tokens and runs: a smoke test")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"),
                    help="folder for e2e_<device>.json and .png")
-    p.add_argument("--plot-only", metavar="JSON", help="redraw the plot of an earlier run")
+    p.add_argument("--from-json", metavar="JSON", help="print the table of an earlier (or "
+                   "interrupted) run and redraw its plot; measures nothing")
     args = p.parse_args(argv)
     settings = dict(DEFAULTS[args.device])
     if args.quick:
@@ -469,34 +525,53 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.plot_only:
-        with open(args.plot_only) as f:
-            result = json.load(f)
-        path = os.path.splitext(args.plot_only)[0] + ".png"
-        print(f"wrote {path}" if plot(result, path) else "matplotlib is not installed")
-        return 0
-    result = run(args, log=lambda s: print(s, flush=True))
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"e2e_{result['device_type']}{'_quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print()
+def report(result: dict, stem: str) -> None:
+    """Prints the table and the targets of `result`, and draws stem.png."""
     print(f"{result['model']} shapes, d={result['depth']}, prompt {result['prompt_len']}, "
           f"{result['new_tokens']} new tokens, median of {result['runs']} runs, "
           f"{result['device']}, torch {result['torch']}, {result['date']}")
     print(table(result))
-    lg = [v for v in result["variants"] if "logits_vs_trit_fp_lm_head" in v]
-    for v in lg:
-        d = v["logits_vs_trit_fp_lm_head"]
-        print(f"{v['name']}: logits vs the same model with a floating-point lm_head: max |d| "
-              f"{d['max_abs_diff']:.3g}, mean |d| {d['mean_abs_diff']:.3g}, top-1 agreement "
-              f"{d['top1_agreement']:.2f}")
-    for line in target_report(result):
-        print(line)
-    print(f"wrote {stem}.json" + (f" and {stem}.png" if plot(result, stem + ".png")
-                                   else " (no plot: matplotlib is not installed)"))
+    print("(logit columns: against the floating-point model on one prompt; with random weights "
+          "they show quantization noise, not model quality)")
+    modes = {f"{v['name']} B={b}": ("compiled" if r["compiled"] else "eager") + " layer, "
+             + ("CUDA graph" if r["cuda_graph"] else "no graph")
+             for v in result["variants"] for b, r in v["decode"].items()}
+    if len(set(modes.values())) > 1:
+        print("decode ran differently across variants: "
+              + "; ".join(f"{k}: {m}" for k, m in modes.items()))
+    else:
+        print(f"decode: {next(iter(modes.values()))} for every variant")
+    for v in result["variants"]:
+        d = v.get("logits_vs_trit_fp_lm_head")
+        if d:
+            print(f"{v['name']}: logits vs the same model with a floating-point lm_head: "
+                  f"max |d| {d['max_abs_diff']:.3g}, mean |d| {d['mean_abs_diff']:.3g}, "
+                  f"top-1 agreement {d['top1_agreement']:.2f}")
+    if any(v["quantized"]["weights"] for v in result["variants"]):
+        for line in target_report(result):
+            print(line)
+    print(f"plot: {stem}.png" if plot(result, stem + ".png")
+          else "no plot: matplotlib is not installed")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report(json.load(f), os.path.splitext(args.from_json)[0])
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"e2e_{args.device}{'_quick' if args.quick else ''}")
+
+    def save(result):
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+
+    started = time.perf_counter()
+    result = run(args, log=lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}",
+                                              flush=True), save=save)
+    print(f"\nwrote {stem}.json")
+    report(result, stem)
     return 0
 
 

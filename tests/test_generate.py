@@ -4,35 +4,31 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tritllm_ext.demo import build_random_llama  # noqa: E402
 from tritllm_ext.generate import (Generator, generate, max_len_for,  # noqa: E402
                                   select_next_token, unsupported_reason)
 from tritllm_ext.model import quantize_model  # noqa: E402
 from tritllm_ext.nn import TritLinear  # noqa: E402
 
-# Tiny shapes (hidden 64, 2 layers, vocab 256) with grouped-query attention. The init scale is
-# large enough that the logits of a random model are well separated: greedy ties would make the
-# token comparison depend on rounding rather than on the math.
-# No end-of-sequence token: transformers' generate would stop or pad after one.
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None)
-STD = 0.3
+from tiny_models import SHAPES, greedy, token_ids, tiny_llama  # noqa: E402
 
 
 def tiny_model(model_type="llama", seed=0, **overrides):
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
-    return build_random_llama(config, dtype=torch.float32, seed=seed, std=STD)
+    """The shared tiny shapes (hidden 72: padded groups; grouped-query attention) in any of the
+    architectures the decode loop supports."""
+    if model_type == "llama":
+        return tiny_llama(seed=seed, **overrides)
+    config = transformers.AutoConfig.for_model(model_type, **{**SHAPES, **overrides})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def prompt(batch=2, length=7, seed=1):
-    return torch.randint(0, TINY["vocab_size"], (batch, length),
-                         generator=torch.Generator().manual_seed(seed))
+    return token_ids(seed=seed, batch=batch, length=length)
 
 
 def hf_greedy(model, ids, new_tokens):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          do_sample=False)
+    """Prompt and continuation, as generate() returns them."""
+    return torch.cat([ids, greedy(model, ids, new_tokens)], dim=1)
 
 
 @pytest.mark.parametrize("model_type,overrides", [
@@ -40,7 +36,7 @@ def hf_greedy(model, ids, new_tokens):
     ("llama", dict(num_key_value_heads=4)),                 # plain multi-head attention
     ("llama", dict(num_key_value_heads=1, head_dim=32)),    # one KV head, head_dim != hidden/heads
     ("mistral", dict(sliding_window=None)),
-    ("qwen2", {}),                                          # q/k/v biases
+    ("qwen2", dict(tie_word_embeddings=True)),              # q/k/v biases, tied lm_head
     ("qwen3", dict(head_dim=16)),                           # per-head q/k RMSNorm
 ])
 def test_greedy_tokens_match_transformers(model_type, overrides):
@@ -103,7 +99,8 @@ def test_on_token_callback_sees_every_step():
 
 
 def test_compiled_decoder_layer_gives_the_same_tokens():
-    model = tiny_model()
+    # TritLinear inside torch.compile: the op's fake kernel lets it trace in one graph.
+    model = quantize_model(tiny_model(), depth=2, progress=False)
     ids = prompt()
     assert torch.equal(generate(model, ids, 8, compile=True), hf_greedy(model, ids, 8))
 

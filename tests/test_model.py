@@ -4,16 +4,20 @@ import copy
 
 import pytest
 import torch
+from tiny_models import (
+    LOGIT_TOLERANCE,
+    assert_logits_close,
+    greedy,
+    logits,
+    tiny_llama,
+    tiny_qwen2,
+    token_ids,
+)
 from torch import nn
-from tiny_models import greedy, logits, tiny_llama, tiny_qwen2, token_ids
 
 from tritllm_ext import TritLinear, dequantize_model, quantize_model
 from tritllm_ext.model import matches_skip, quantizable_linears
 
-# The quantized model and its dequantized float32 reference compute the same function; they
-# differ only in float32 summation order inside the matmuls (kernel vs. dense GEMM), which after
-# two layers leaves logits equal to about 1e-6 relative. Stated tolerance: 1e-4 (rtol and atol).
-LOGIT_TOLERANCE = 1e-4
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,27 +76,30 @@ def test_multihead_attention_out_proj_is_left_alone():
 def test_logits_match_dequantized_reference(depth):
     model, reference = _quantized_and_reference(tiny_llama(), depth)
     ids = token_ids()
-    torch.testing.assert_close(logits(model, ids), logits(reference, ids),
-                               rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE)
+    assert_logits_close(logits(model, ids), logits(reference, ids))
 
 
 def test_qwen2_with_biases_matches_reference():
     model, reference = _quantized_and_reference(tiny_qwen2())
     ids = token_ids()
-    torch.testing.assert_close(logits(model, ids), logits(reference, ids),
-                               rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE)
+    assert_logits_close(logits(model, ids), logits(reference, ids))
+
+
+def _assert_greedy_identical(model, reference):
+    ids = token_ids(batch=1)
+    tokens = greedy(reference, ids)
+    # Why identical tokens are a fair demand: at every step of the reference the best token
+    # leads the second by more than twice the logit tolerance, so errors within the tolerance
+    # cannot change any choice. (Seed 3 is a model where this holds.)
+    steps = logits(reference, torch.cat([ids, tokens], 1))[:, ids.shape[1] - 1:-1]
+    top2 = steps.topk(2, dim=-1).values
+    margin = float((top2[..., 0] - top2[..., 1]).min())
+    assert margin > 2 * LOGIT_TOLERANCE * float(logits(reference, ids).abs().max())
+    assert torch.equal(greedy(model, ids), tokens)
 
 
 def test_greedy_generation_identical():
-    model, reference = _quantized_and_reference(tiny_llama())
-    ids = token_ids()
-    # Precondition that makes the comparison meaningful: the reference never hesitates between
-    # two tokens by less than ten times the logit tolerance.
-    tokens = greedy(reference, ids)
-    steps = logits(reference, torch.cat([ids, tokens], 1))[:, ids.shape[1] - 1:-1]
-    top2 = steps.topk(2, dim=-1).values
-    assert (top2[..., 0] - top2[..., 1]).min() > 10 * LOGIT_TOLERANCE
-    assert torch.equal(greedy(model, ids), tokens)
+    _assert_greedy_identical(*_quantized_and_reference(tiny_llama(seed=3)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -123,11 +130,9 @@ def test_dequantize_model_restores_plain_linears():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_logits_and_generation_match_reference():
-    model = tiny_llama().to("cuda")
+    model = tiny_llama(seed=3).to("cuda")
     quantize_model(model, progress=False)  # quantizes on the GPU
     assert model.model.layers[0].self_attn.q_proj.trit_packed.is_cuda
     reference = dequantize_model(copy.deepcopy(model).cpu(), torch.float32)
-    ids = token_ids()
-    torch.testing.assert_close(logits(model, ids).cpu(), logits(reference, ids),
-                               rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE)
-    assert torch.equal(greedy(model, ids), greedy(reference, ids))
+    assert_logits_close(logits(model, token_ids()), logits(reference, token_ids()))
+    _assert_greedy_identical(model, reference)

@@ -1,9 +1,9 @@
 """Loads the compiled library tritllm_ext._C, refusing a torch it was not built against.
 
 A C++ extension is tied to the exact torch it was compiled with: loaded into another one it fails
-with an undefined symbol or, worse, crashes later. So the build records its torch version in
-_build_config.json (written by setup.py next to _C) and the version is compared before _C is
-ever imported.
+with an undefined symbol or, worse, loads and crashes later. So the build records its torch
+version in _build_config.json (setup.py writes it next to _C), and importing this module (the
+package's __init__ does) compares it with the running torch before _C is ever imported.
 """
 import json
 import os
@@ -11,10 +11,10 @@ import os
 import torch
 
 BUILD_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_config.json")
-REINSTALL_HINT = ("Rebuild tritllm_ext against the running torch: `pip install --no-build-isolation "
-                  "--force-reinstall --no-deps .` from the tritllm_ext source tree (or "
-                  "`python setup.py build_ext --inplace` in a development checkout). Without "
-                  "--no-build-isolation pip builds against a different, temporary torch.")
+REINSTALL_HINT = ("Rebuild tritllm_ext against the running torch: `pip install "
+                  "--no-build-isolation .` in the tritllm_ext source tree (or `python setup.py "
+                  "build_ext --inplace` in a development checkout). Without --no-build-isolation "
+                  "pip would build against a different, temporary torch.")
 
 
 def read_build_config() -> dict:
@@ -32,7 +32,7 @@ def check_torch_version(built: str, running: str) -> None:
     """Raises ImportError unless the running torch is exactly the one _C was compiled against."""
     if built != running:
         raise ImportError(f"tritllm_ext was built against torch {built}, but torch {running} is "
-                          f"running; its compiled library would not load or would crash. "
+                          f"running; its compiled library may fail to load or crash later. "
                           f"{REINSTALL_HINT}")
 
 

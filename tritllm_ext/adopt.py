@@ -21,10 +21,12 @@ How (all vectorized, in chunks of groups):
 2. The scales that fit a group, as float32 intervals ("alternatives"). For each top level
    m = 1..L: s0 = max|w| / m, level magnitudes round(|w| / s0) (at least 1 for a non-zero
    weight), and the scales that fit those levels: [ceil_f32(max A/l), floor_f32(min B/l)], if
-   not empty. This finds every fitting scale unless rounding errors reach a quarter of the scale
-   (subnormal outputs of tiny scales); a group with a subnormal weight and no fit is searched
-   exhaustively (each interval of fitting scales starts at some ceil_f32(A_j / l)). Usually one
-   interval fits; when the levels share a factor, several do. A group of +0.0 fits any scale.
+   not empty. (A float32 prefilter first drops the m that some weight rules out by more than
+   rounding can explain, so the exact test runs about once per group.) This finds every fitting
+   scale unless rounding errors reach a quarter of the scale (subnormal outputs of tiny scales);
+   a group with a subnormal weight and no fit is searched exhaustively (each interval of fitting
+   scales starts at some ceil_f32(A_j / l)). Usually one interval fits; when the levels share a
+   factor, several do. A group of +0.0 fits any scale.
 3. The codebook: an interval point cover, on float32 intervals, so every point is exact.
    a) Groups with one alternative: greedy cover (p = the smallest right end among uncovered
       groups; every uncovered interval starting at or before p contains p; their common part
@@ -55,10 +57,14 @@ import torch
 from . import codec
 from . import format as fmt
 
-# Groups per chunk of the scale search: 2^14 groups = 2^18 weights (4 MB of float64 bounds each),
-# and per chunk of the exhaustive search (16 * 16 * L float64 values per group).
+# Chunks: the scale search holds [groups, L, 4] float32 temporaries, at most 2^20 elements;
+# computing levels holds [groups, 16]; the exhaustive search [groups, 16, 16 L].
+_CHUNK_ELEMENTS = 1 << 20
 _CHUNK_GROUPS = 1 << 14
 _CHUNK_HARD_GROUPS = 64
+
+# Weights per group that the first pass of the scale search's prefilter looks at.
+_PREFILTER_WEIGHTS = 4
 
 # The cover never builds more than this many clusters: beyond 27 the matrix does not conform
 # anyway, and the bound keeps a hopeless matrix from looping over every group.
@@ -102,9 +108,9 @@ class AdoptReport:
 
 
 def adopt(w: torch.Tensor, depth: int = 2, group_size: int = fmt.GROUP_SIZE,
-          strict: bool = True) -> codec.TritWeight:
+          strict: bool = True, name: str = "w") -> codec.TritWeight:
     """`adopt_with_report` without the report."""
-    return adopt_with_report(w, depth, group_size, strict)[0]
+    return adopt_with_report(w, depth, group_size, strict, name)[0]
 
 
 def adopt_with_report(w: torch.Tensor, depth: int = 2, group_size: int = fmt.GROUP_SIZE,
@@ -171,6 +177,10 @@ def _f32_step(x: torch.Tensor, step: int) -> torch.Tensor:
     return (x.view(torch.int32) + step).view(torch.float32)
 
 
+def _f32_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).view(torch.float32)
+
+
 def _is_odd_f32(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) & 1) == 1
 
@@ -211,7 +221,8 @@ def _product_bounds(mag: torch.Tensor):
 def _ceil_f32(x: torch.Tensor) -> torch.Tensor:
     """The smallest float32 >= each float64 x."""
     c = x.to(torch.float32)
-    return torch.where(c.to(torch.float64) < x, torch.nextafter(c, torch.full_like(c, torch.inf)), c)
+    return torch.where(c.to(torch.float64) < x, torch.nextafter(c, torch.full_like(c, torch.inf)),
+                       c)
 
 
 def _floor_f32(x: torch.Tensor) -> torch.Tensor:
@@ -252,11 +263,11 @@ def _weight_bounds(chunk):
     return a, b, (chunk != 0) | torch.signbit(chunk)
 
 
-def _interval_of(a, b, constrained, levels):
-    """The float32 scales [lo, hi] that reproduce every weight at these level magnitudes
-    (float64 [..., 16, ...] aligned with a and b; reduced over dim 1)."""
-    lo = torch.where(constrained, a / levels, -torch.inf).amax(1)
-    hi = torch.where(constrained, b / levels, torch.inf).amin(1)
+def _interval_of(a, b, constrained, levels, dim):
+    """The float32 scales [lo, hi] that reproduce every weight at these level magnitudes:
+    [ceil_f32(max A / l), floor_f32(min B / l)] over the constraining weights along `dim`."""
+    lo = torch.where(constrained, a / levels, -torch.inf).amax(dim)
+    hi = torch.where(constrained, b / levels, torch.inf).amin(dim)
     return _ceil_f32(lo).clamp(min=_SMALLEST_F32), _floor_f32(hi)
 
 
@@ -268,21 +279,52 @@ class _Items:
     hi: torch.Tensor     # float32
 
 
-def _fast_alternatives(mag32, a, b, constrained, lmax):
-    """For each top level m: levels round(|w| / (max|w| / m)) (at least 1 for a constraining
-    weight) and the interval they allow. Returns float32 lo, hi [g, L]. It finds every scale
-    that fits whenever each weight's rounding error is below a quarter of the scale (so for any
-    scale above 2^-22 in float16, 2^-130 in bfloat16), and usually beyond."""
-    group_max = mag32.amax(-1, keepdim=True)
-    lo = torch.empty(mag32.shape[0], lmax, dtype=torch.float32, device=mag32.device)
-    hi = torch.empty_like(lo)
-    for m in range(1, lmax + 1):
-        s0 = torch.where(group_max > 0, group_max / m, torch.ones_like(group_max))
-        levels = torch.div(mag32, s0).round_().clamp_(min=1).to(torch.float64)
-        lo[:, m - 1], hi[:, m - 1] = _interval_of(a, b, constrained, levels)
-    # Zeros only (with a -0.0): every m gives the same levels; keep m = 1.
-    hi[group_max.squeeze(-1) == 0, 1:] = 0
-    return lo, hi
+def _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff, half_spacing):
+    """For each top level m = 1..L: level magnitudes round(|w| / (max|w| / m)), at least 1 for a
+    constraining weight, and the float32 interval they allow. Returns (row, lo, hi) of the m
+    that fit, and which groups passed the prefilter. This finds every fitting scale when each
+    weight's rounding error is at most `unit_roundoff` relative (all weights normal numbers of
+    their dtype), and usually beyond.
+
+    A float32 prefilter first drops the m for which some weight lies farther from its level
+    than rounding can explain. If the true levels are l with top level m, each |w| is within
+    u * s * l + h of s * l (u the unit roundoff of the two roundings, h half the subnormal
+    spacing), so m |w| / max|w| is within about 2u l + 2h m / max|w| of l. The prefilter
+    looks at the first _PREFILTER_WEIGHTS weights of every (group, m) pair, then at all 16 of
+    the few pairs left; only the survivors (about one per group) get the exact float64 test. A
+    group that no m survives fits no scale at all."""
+    group_max = mag32.amax(-1, keepdim=True)  # [g, 1]
+    positive = group_max > 0
+    ratio = torch.where(positive, mag32 / group_max, torch.zeros_like(mag32))
+    spacing = torch.where(positive, 2.5 * half_spacing / group_max, torch.zeros_like(group_max))
+    m = torch.arange(1, lmax + 1, dtype=torch.float32, device=mag32.device)
+    alive = _near_levels(ratio[:, :_PREFILTER_WEIGHTS].unsqueeze(1), m.view(1, -1, 1),
+                         spacing.unsqueeze(1), unit_roundoff)  # [g, L]
+    alive[~positive.squeeze(-1), 1:] = False  # zeros only: the same levels for every m
+    rows, cols = alive.nonzero(as_tuple=True)
+    m = m[cols].unsqueeze(-1)
+    keep = _near_levels(ratio[rows], m, spacing[rows], unit_roundoff).nonzero().squeeze(-1)
+    rows, m = rows[keep], m[keep].to(torch.float64)
+    survived = torch.zeros(mag32.shape[0], dtype=torch.bool, device=mag32.device)
+    survived[rows] = True
+    # The exact test, in float64 (s0 must not round, as it would in float32 subnormals).
+    mag = mag32[rows].to(torch.float64)
+    top = group_max[rows].to(torch.float64)
+    s0 = torch.where(top > 0, top / m, torch.ones_like(top))
+    levels = torch.div(mag, s0).round_().clamp_(min=1)  # at most m, since |w| <= max|w|
+    lo, hi = _interval_of(a[rows], b[rows], constrained[rows], levels, dim=-1)
+    fits = lo <= hi
+    return rows[fits], lo[fits], hi[fits], survived
+
+
+def _near_levels(ratio, m, spacing, unit_roundoff):
+    """Whether every x = m * ratio (ratio = |w| / max|w|, float32) lies within rounding error
+    of an integer level >= 1 (zeros are left to the exact test); reduced over the last dim.
+    `spacing` is 2.5 h / max|w|, the share of subnormal rounding."""
+    x = ratio * m
+    miss = (x - x.round().clamp_(min=1)).abs_()
+    tolerance = (x + 1).mul_(2.5 * unit_roundoff).add_(spacing * m).add_(2.0 ** -12)
+    return ((miss <= tolerance) | (ratio == 0)).all(-1)
 
 
 def _exhaustive_alternatives(a, b, constrained, lmax):
@@ -295,36 +337,44 @@ def _exhaustive_alternatives(a, b, constrained, lmax):
     levels = (a.unsqueeze(-1) / c).ceil_().clamp_(min=1)  # [g, 16, C]
     con = constrained.unsqueeze(-1)
     fits = ((levels <= lmax) & (levels * c <= b.unsqueeze(-1)) | ~con).all(1)  # [g, C]
-    lo, hi = _interval_of(a.unsqueeze(-1), b.unsqueeze(-1), con, levels)
+    lo, hi = _interval_of(a.unsqueeze(-1), b.unsqueeze(-1), con, levels, dim=1)
     rows, cols = fits.nonzero(as_tuple=True)
     # Many candidates share an interval: keep one (row, lo, hi) of each.
     key = torch.stack([rows, lo[rows, cols].view(torch.int32).long(),
                        hi[rows, cols].view(torch.int32).long()], dim=1).unique(dim=0)
-    as_f32 = lambda column: column.to(torch.int32).view(torch.float32)  # noqa: E731
-    return key[:, 0], as_f32(key[:, 1]), as_f32(key[:, 2])
+    return key[:, 0], _f32_of_bits(key[:, 1]), _f32_of_bits(key[:, 2])
 
 
 def _scale_alternatives(groups, depth):
     """-> (_Items: every alternative found, one or more per fitting group; bool [groups]: the
     group is all +0.0 and fits any scale)."""
     lmax = fmt.max_level(depth)
-    tiny = torch.finfo(groups.dtype).tiny  # below it, rounding errors are absolute
+    finfo = torch.finfo(groups.dtype)
+    # Relative error of round_dtype(round_f32(x)) for a normal result (both roundings), and
+    # the absolute error of a subnormal one.
+    unit_roundoff = finfo.eps / 2 + 2.0 ** -24 + finfo.eps * 2.0 ** -25
+    half_spacing = finfo.tiny * finfo.eps / 2 + 2.0 ** -150
     out_group, out_lo, out_hi, plus_zero = [], [], [], []
-    for start in range(0, groups.shape[0], _CHUNK_GROUPS):
-        chunk = groups[start:start + _CHUNK_GROUPS]
+    step = max(1, _CHUNK_ELEMENTS // (_PREFILTER_WEIGHTS * lmax))  # [step, L, 4] prefilter
+    for start in range(0, groups.shape[0], step):
+        chunk = groups[start:start + step]
         mag32 = chunk.abs().to(torch.float32)
         a, b, constrained = _weight_bounds(chunk)
-        lo, hi = _fast_alternatives(mag32, a, b, constrained, lmax)
-        ok = (lo <= hi) & constrained.any(-1, keepdim=True)
-        rows, cols = ok.nonzero(as_tuple=True)
-        out_group.append(rows + start)
-        out_lo.append(lo[rows, cols])
-        out_hi.append(hi[rows, cols])
-        plus_zero.append(~constrained.any(-1))
-        # Subnormal weights carry large relative errors: where the fast search found nothing,
-        # search exhaustively.
-        subnormal = ((mag32 > 0) & (mag32 < tiny)).any(-1)
-        for hard in (subnormal & ~ok.any(-1)).nonzero().squeeze(-1).split(_CHUNK_HARD_GROUPS):
+        unconstrained = ~constrained.any(-1)
+        rows, lo, hi, survived = _fast_alternatives(mag32, a, b, constrained, lmax,
+                                                    unit_roundoff, half_spacing)
+        keep = ~unconstrained[rows]
+        out_group.append(rows[keep] + start)
+        out_lo.append(lo[keep])
+        out_hi.append(hi[keep])
+        plus_zero.append(unconstrained)
+        found = torch.zeros_like(unconstrained)
+        found[rows] = True
+        # Subnormal weights carry large relative errors: where the exact test after the
+        # prefilter found nothing, search exhaustively.
+        subnormal = ((mag32 > 0) & (mag32 < finfo.tiny)).any(-1)
+        hard = (subnormal & survived & ~found).nonzero().squeeze(-1)
+        for hard in hard.split(_CHUNK_HARD_GROUPS):
             r, l, h = _exhaustive_alternatives(a[hard], b[hard], constrained[hard], lmax)
             out_group.append(hard[r] + start)
             out_lo.append(l)

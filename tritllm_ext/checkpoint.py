@@ -1,4 +1,4 @@
-"""Packed checkpoints on disk: save, load, a streaming converter and info. Layout: docs/CHECKPOINTS.md.
+"""Packed checkpoints on disk: save, load, streaming conversion, info (docs/CHECKPOINTS.md).
 
 A packed checkpoint is a Hugging Face model directory whose safetensors shards
 (tritllm-0000i-of-0000n.safetensors, listed in tritllm.safetensors.index.json) store every
@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,9 +34,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import format as fmt
-from .adopt import adopt_with_report
+from .adopt import NonConformingWeightError, adopt_with_report
 from .codec import TritWeight, quantize
-from .model import DEFAULT_SKIP, replace_module, quantizable_linears, tied_weight_keys
+from .model import DEFAULT_SKIP, quantizable_linears, replace_module, tied_weight_keys
 from .nn import TRIT_BUFFERS, TritLinear, validate_modules
 
 QUANT_METHOD = "tritllm"
@@ -393,13 +393,18 @@ def _require_transformers():
     return transformers
 
 
-def _model_class(transformers, config, where: str):
+def _model_class(transformers, config):
     for name in config.architectures or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    raise CheckpointError(f"{where}: config.json names architectures {config.architectures}, "
-                          "none of which this transformers provides")
+    raise CheckpointError(f"config.json names architectures {config.architectures}, none of "
+                          f"which transformers {transformers.__version__} provides")
+
+
+def read_config(model_dir: str):
+    """config.json of `model_dir` as a transformers config object."""
+    return _require_transformers().AutoConfig.from_pretrained(model_dir)
 
 
 @contextlib.contextmanager
@@ -421,12 +426,10 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def build_skeleton(model_dir: str, config=None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of `model_dir`'s config.json with every parameter on the meta device."""
-    transformers = _require_transformers()
-    if config is None:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-    model_cls = _model_class(transformers, config, model_dir)
+def build_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The transformers model of `config` (its `architectures`) with every parameter on the meta
+    device, unquantized tensors typed `dtype` (default: the config's dtype)."""
+    model_cls = _model_class(_require_transformers(), config)
     with parameters_on_meta():
         return model_cls._from_config(config, dtype=dtype or config.dtype or torch.float32)
 
@@ -458,10 +461,9 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = None,
     config_dict = _read_json(os.path.join(model_dir, CONFIG_FILE))
     qc = check_quantization_config(config_dict.get("quantization_config"), model_dir)
     index = read_tensor_index(files)
-    transformers = _require_transformers()
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config = read_config(model_dir)
     dtype = dtype or config.dtype or torch.float32
-    model = build_skeleton(model_dir, config, dtype)
+    model = build_skeleton(config, dtype)
     swap_in_empty_trit_linears(model, qc, index)
 
     expected = unique_state_tensors(model)
@@ -477,10 +479,10 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = None,
         if info.shape != tuple(empty.shape):
             raise CheckpointError(f"{info.file}: {name} has shape {info.shape}, expected "
                                   f"{tuple(empty.shape)}")
-        if empty.is_floating_point() and not _is_trit_key(name):
-            if info.dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}, expected a "
-                                      "floating-point dtype")
+        if (empty.is_floating_point() and not _is_trit_key(name)
+                and info.dtype not in _FLOAT_DTYPES):
+            raise CheckpointError(f"{info.file}: {name} has dtype {info.dtype}, expected a "
+                                  "floating-point dtype")
 
     by_file: dict[str, list[str]] = {}
     for name in expected:
@@ -502,7 +504,8 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = None,
     model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
     validate_modules(model)
     if model.can_generate() and os.path.isfile(os.path.join(model_dir, GENERATION_CONFIG_FILE)):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir)
+        generation_config = _require_transformers().GenerationConfig
+        model.generation_config = generation_config.from_pretrained(model_dir)
     model.config.quantization_config = qc
     model.requires_grad_(False)
     return model.eval()
@@ -550,11 +553,11 @@ def _pack_matrix(name: str, weight: torch.Tensor, mode: str, depth: int, requant
         report = MatrixReport(name, tw.shape, tw.bits_per_weight)
     else:
         try:
-            tw, adopted = adopt_with_report(weight, depth=depth, strict=not requantize)
-        except ValueError as e:
-            raise CheckpointError(f"{name}.weight cannot be adopted exactly at depth {depth}: {e}. "
-                                  "Pass requantize=True (CLI: --requantize) to quantize the "
-                                  "non-conforming groups afresh, or mode='quantize'.") from None
+            tw, adopted = adopt_with_report(weight, depth=depth, strict=not requantize,
+                                            name=f"{name}.weight")
+        except NonConformingWeightError as e:
+            raise CheckpointError(f"adopt: {e} (here: requantize=True, on the command line "
+                                  "--requantize; or quantize the model afresh)") from None
         report = MatrixReport(name, tw.shape, tw.bits_per_weight, adopted.exact_groups,
                               adopted.requantized_groups)
     return tw.to("cpu"), report
@@ -588,7 +591,7 @@ def convert(src_dir, out_dir, mode: str = "quantize", depth: int = 2, requantize
     if os.path.isdir(out_dir) and os.path.samefile(src_dir, out_dir):
         raise ValueError("out_dir must differ from src_dir")
     index = read_tensor_index(files)
-    skeleton = build_skeleton(src_dir)
+    skeleton = build_skeleton(read_config(src_dir))
     modules = quantizable_linears(skeleton, skip)
     for name in modules:
         info = index.get(f"{name}.weight")

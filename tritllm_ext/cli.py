@@ -21,6 +21,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from . import checkpoint
+from .generate import Generator, max_len_for, unsupported_reason
+
 BENCH_SCRIPTS = {"cpu": "cpu_bench.py", "gpu": "gpu_bench.py", "e2e": "e2e_bench.py"}
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -37,9 +42,7 @@ def _existing_dir(path: str, what: str) -> str:
     return path
 
 
-def resolve_device(name: str):
-    import torch
-
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -47,45 +50,65 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device):
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """float16 on CUDA and float32 on the CPU unless asked otherwise."""
-    import torch
-
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    raise AssertionError("unreachable")
+    if n < 1e3:
+        return f"{n:.0f} B"
+    unit, scale = next((u, s) for u, s in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9))
+                       if n < 1e3 * s or u == "GB")
+    return f"{n / scale:.2f} {unit}"
 
 
 # ---- quantize / adopt / info ---------------------------------------------------------------
 
 def _convert(args, mode: str) -> int:
-    from . import checkpoint
-
     _existing_dir(args.src_dir, "source model directory")
     if os.path.abspath(args.src_dir) == os.path.abspath(args.out_dir):
         raise UsageError("OUT_DIR must differ from SRC_DIR (the source is read while the "
                          "packed checkpoint is written)")
-    kwargs = dict(mode=mode, depth=args.depth, skip=tuple(args.skip), progress=not args.quiet)
+    kwargs = dict(mode=mode, depth=args.depth, skip=tuple(args.skip), progress=not args.quiet,
+                  device=resolve_device(args.device))
     if mode == "adopt":
         kwargs["requantize"] = args.requantize
     t0 = time.perf_counter()
     report = checkpoint.convert(args.src_dir, args.out_dir, **kwargs)
     print(format_convert_report(report))
-    print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f} s (`tritllm info "
+          f"{args.out_dir}` describes it)")
     return 0
 
 
 def format_convert_report(report) -> str:
-    """The end-of-conversion summary: one line per matrix, then the totals."""
-    return json.dumps(report, indent=1, default=str)
+    """The end-of-conversion summary (a checkpoint.ConvertReport): one line per matrix with its
+    bits/weight (and, for adopt, how many of its groups were exact), then the totals."""
+    width = max((len(m.name) for m in report.matrices), default=0)
+    lines = [f"{'matrix':<{width}}  {'shape':>13}  bits/weight"
+             + ("  groups" if report.mode == "adopt" else "")]
+    for m in report.matrices:
+        line = f"{m.name:<{width}}  {str(list(m.shape)):>13}  {m.bits_per_weight:11.3f}"
+        if report.mode == "adopt":
+            total = m.exact_groups + m.requantized_groups
+            line += (f"  exact {m.exact_groups}/{total}" if not m.requantized_groups else
+                     f"  exact {m.exact_groups}/{total}, requantized {m.requantized_groups}")
+        lines.append(line)
+    weights = sum(m.shape[0] * m.shape[1] for m in report.matrices)
+    lines.append(f"{report.mode}: {len(report.matrices)} matrices ({weights:,} weights) at depth "
+                 f"{report.depth}: {_fmt_bytes(report.source_bytes)} -> "
+                 f"{_fmt_bytes(report.packed_bytes)}, {report.bits_per_weight:.3f} bits/weight; "
+                 f"{len(report.kept)} tensors kept in floating point")
+    if report.mode == "adopt":
+        requantized = [m for m in report.matrices if m.requantized_groups]
+        lines.append("every matrix adopted bit-exactly" if not requantized else
+                     f"{len(requantized)} matrices requantized in part "
+                     f"({sum(m.requantized_groups for m in requantized):,} groups), the rest "
+                     "exact")
+    return "\n".join(lines)
 
 
 def cmd_quantize(args) -> int:
@@ -97,8 +120,6 @@ def cmd_adopt(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import checkpoint
-
     _existing_dir(args.dir, "checkpoint directory")
     info = checkpoint.info(args.dir)
     print(json.dumps(info, indent=1, default=str) if args.json else format_info(info))
@@ -106,7 +127,25 @@ def cmd_info(args) -> int:
 
 
 def format_info(info: dict) -> str:
-    return json.dumps(info, indent=1, default=str)
+    """checkpoint.info(dir) as text: a header, one line per quantized layer, the totals."""
+    layers = info["layers"]
+    width = max((len(name) for name in layers), default=5)
+    lines = [f"packed trit checkpoint {info['path']}",
+             f"format version {info['format_version']}, depth {info['depth']}, groups of "
+             f"{info['group_size']} weights",
+             f"{'layer':<{width}}  {'shape':>13}  codebook  bits/weight"]
+    for name, layer in layers.items():
+        lines.append(f"{name:<{width}}  {str(layer['shape']):>13}  {layer['codebook_size']:8d}"
+                     f"  {layer['bits_per_weight']:11.3f}")
+    lines += [
+        f"quantized: {info['quantized_layers']} layers, {info['quantized_weights']:,} weights, "
+        f"{_fmt_bytes(info['packed_bytes'])}, {info['bits_per_weight']:.3f} bits/weight",
+        f"kept in floating point: {info['unquantized_tensors']} tensors, "
+        f"{_fmt_bytes(info['unquantized_bytes'])}",
+        f"size on disk {_fmt_bytes(info['size_on_disk'])} vs FP16 "
+        f"{_fmt_bytes(info['fp16_equivalent_bytes'])}: {info['compression_vs_fp16']:.2f}x "
+        "smaller"]
+    return "\n".join(lines)
 
 
 # ---- generate ------------------------------------------------------------------------------
@@ -140,8 +179,6 @@ def load_for_generation(model_dir: str, device, dtype):
     """(model, tokenizer) from a packed or plain Hugging Face model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hf  # noqa: F401  (lets from_pretrained read packed checkpoints)
-
     _existing_dir(model_dir, "model directory")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise UsageError(f"{model_dir!r} has no config.json: not a Hugging Face model directory")
@@ -154,9 +191,7 @@ def load_for_generation(model_dir: str, device, dtype):
     return model.to(device).eval(), tokenizer
 
 
-def prompt_ids(tokenizer, prompt: str):
-    import torch
-
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         if tokenizer.bos_token_id is None:
@@ -169,9 +204,8 @@ def prompt_ids(tokenizer, prompt: str):
 def stream_generation(model, tokenizer, ids, max_new_tokens: int, *, temperature: float = 0.0,
                       top_k: int | None = None, compile: bool = False, out=sys.stdout) -> dict:
     """Streams the continuation of `ids` [1, T] to `out` with generate.Generator and returns
-    its timings: prefill_s, decode tokens and decode_s, setup_s (graph capture/compile)."""
-    from .generate import Generator, max_len_for
-
+    the new token ids and the timings: prefill_s, decode_tokens and decode_s, setup_s (graph
+    capture and compilation, before the first token)."""
     gen = Generator(model, 1, max_len_for(ids.shape[1], max_new_tokens),
                     temperature=temperature, top_k=top_k, compile=compile)
     t0 = time.perf_counter()
@@ -184,7 +218,8 @@ def stream_generation(model, tokenizer, ids, max_new_tokens: int, *, temperature
         times.append(time.perf_counter())
         printer.add(tokens[0])
     printer.finish()
-    return {"prompt_tokens": ids.shape[1], "new_tokens": len(times), "setup_s": setup_s,
+    return {"tokens": printer.ids, "prompt_tokens": ids.shape[1], "new_tokens": len(times),
+            "setup_s": setup_s,
             "prefill_s": times[0] - t0, "decode_tokens": len(times) - 1,
             "decode_s": times[-1] - times[0], "cuda_graph": gen.use_graph, "compiled": compile}
 
@@ -222,10 +257,6 @@ def format_speed(stats: dict, device, dtype) -> str:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from .generate import max_len_for, unsupported_reason
-
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
@@ -251,7 +282,7 @@ def cmd_generate(args) -> int:
 # ---- demo / bench --------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # here, not at the top: demo uses this module's helpers
 
     device = resolve_device(args.device)
     run_demo(out_dir=args.out, device=device, max_new_tokens=args.max_new_tokens,
@@ -292,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--skip", action="append", default=None, metavar="NAME",
                        help="module name (or name suffix) to keep in floating point; "
                        "repeatable (default: lm_head)")
+        p.add_argument("--device", default="cpu", choices=("auto", "cuda", "cpu"),
+                       help="where matrices are quantized (default cpu; cuda is much faster "
+                       "for large models)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
 

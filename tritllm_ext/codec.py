@@ -63,7 +63,8 @@ class TritWeight:
 
     The constructor validates everything (``format.validate``: dtypes, shapes, corrupt bytes,
     scale indices, padding, NaN/inf in the codebook), so a TritWeight always holds a well-formed
-    matrix. Both tensors are made contiguous and must be on the same device.
+    matrix. Both tensors are made contiguous and must be on the same device. (Internal code that
+    copies an already validated TritWeight, e.g. ``to``, uses ``_unchecked`` instead.)
     """
     packed: torch.Tensor
     codebook: torch.Tensor
@@ -82,7 +83,7 @@ class TritWeight:
         object.__setattr__(self, "codebook", self.codebook.contiguous())
 
     @classmethod
-    def _unchecked(cls, packed, codebook, shape, depth) -> "TritWeight":
+    def _unchecked(cls, packed, codebook, shape, depth) -> TritWeight:
         """Build without validation, for data known to be good: a copy of a validated TritWeight
         (``to``) or tensors that ``from_tensors`` has just validated."""
         tw = object.__new__(cls)
@@ -112,7 +113,7 @@ class TritWeight:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
-    def to(self, device) -> "TritWeight":
+    def to(self, device) -> TritWeight:
         return TritWeight._unchecked(self.packed.to(device), self.codebook.to(device),
                                      self.shape, self.depth)
 
@@ -120,14 +121,14 @@ class TritWeight:
         return dequantize(self, dtype)
 
     def to_tensors(self, prefix: str) -> dict:
-        """The three checkpoint tensors of docs/FORMAT.md "Checkpoints", keyed prefix + ".trit_*"."""
+        """The three checkpoint tensors of docs/FORMAT.md "Checkpoints": prefix + ".trit_*"."""
         meta = torch.tensor([fmt.FORMAT_VERSION, self.depth, *self.shape], dtype=torch.int64)
         return {f"{prefix}.trit_packed": self.packed,
                 f"{prefix}.trit_codebook": self.codebook,
                 f"{prefix}.trit_meta": meta.to(self.device)}
 
     @classmethod
-    def from_tensors(cls, tensors: dict, prefix: str) -> "TritWeight":
+    def from_tensors(cls, tensors: dict, prefix: str) -> TritWeight:
         """Inverse of ``to_tensors``: checks that the three keys exist, the format version, that
         the meta agrees with the tensor shapes, then validates the bytes. Errors name `prefix`."""
         keys = {part: f"{prefix}.trit_{part}" for part in ("packed", "codebook", "meta")}
@@ -144,7 +145,8 @@ class TritWeight:
         version, depth, n, k = (int(v) for v in meta.tolist())
         if version != fmt.FORMAT_VERSION:
             raise ValueError(f"{prefix}: packed format version {version} is not supported (this "
-                             f"tritllm_ext reads version {fmt.FORMAT_VERSION}); upgrade tritllm_ext")
+                             f"tritllm_ext reads version {fmt.FORMAT_VERSION}); upgrade "
+                             "tritllm_ext")
         if depth not in fmt.DEPTHS:
             raise ValueError(f"{prefix}: {keys['meta']} gives depth {depth}, must be one of "
                              f"{fmt.DEPTHS}")

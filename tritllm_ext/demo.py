@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import copy
 import os
+import string
 import sys
 import tempfile
 import time
 
 import torch
+
+from . import checkpoint
+from .cli import format_speed, prompt_ids, stream_generation
+from .generate import Generator, max_len_for
+from .model import dequantize_model
 
 # A small Llama: 4 layers, grouped-query attention (8 query heads over 4 key/value heads).
 DEMO_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
@@ -27,6 +33,9 @@ DEMO_SEED = 0
 # Standard deviation of the random weights: small enough that activations stay finite through
 # many layers in float16, as with a real model's initialisation.
 INIT_STD = 0.02
+# The demo's weights are a little larger than INIT_STD, so that every layer, not only the last
+# token's embedding, sways the next token: the output varies instead of repeating one character.
+DEMO_STD = 0.05
 
 BOS, EOS = "<s>", "</s>"
 
@@ -77,20 +86,39 @@ def build_random_llama(config, dtype: torch.dtype = torch.float32, device="cpu",
             setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.get_input_embeddings().weight
-    # Buffers (the rotary inverse frequencies) are computed, not learned: build them again.
-    rotary = model.model.rotary_emb
-    with torch.device(device):
-        model.model.rotary_emb = type(rotary)(config=config)
+    rebuild_rotary(model, device)
     return model.eval()
 
 
+def rebuild_rotary(model, device) -> None:
+    """The rotary inverse frequencies are buffers computed from the config, in float32. The meta
+    device left them empty, and `model.to(torch.bfloat16)` rounds them: build them again."""
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=model.config)
+
+
+def printable_output_only(model, tokenizer) -> None:
+    """Zero the lm_head rows of every token that is not one printable ASCII character. A random
+    model otherwise picks bytes that are not text on their own (half of a UTF-8 character, a
+    control code); with zero logits they lose to the printable tokens, whose random logits are
+    positive for the largest of them, so the gibberish it generates stays readable."""
+    printable = set(string.printable[:95])  # letters, digits, punctuation and space
+    keep = torch.tensor([tokenizer.decode([i]) in printable for i in range(len(tokenizer))])
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0
+
+
 def save_random_llama(out_dir: str, config, dtype: torch.dtype = torch.float16,
-                      seed: int = 0, std: float = INIT_STD) -> None:
+                      seed: int = 0, std: float = INIT_STD, printable_output: bool = False) -> None:
     """An FP16/BF16 Hugging Face directory (config, safetensors, byte-level tokenizer) holding a
     random model: the input of `tritllm quantize`."""
     model = build_random_llama(config, dtype=dtype, seed=seed, std=std)
+    tokenizer = byte_level_tokenizer()
+    if printable_output:
+        printable_output_only(model, tokenizer)
     model.save_pretrained(out_dir)
-    byte_level_tokenizer().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def _largest_logit_difference(model, reference, ids: torch.Tensor) -> float:
@@ -100,6 +128,11 @@ def _largest_logit_difference(model, reference, ids: torch.Tensor) -> float:
     return float((got - want).abs().max())
 
 
+def _reference_tokens(reference, ids: torch.Tensor, count: int) -> list[int]:
+    gen = Generator(reference, 1, max_len_for(ids.shape[1], count))
+    return gen.generate(ids, count)[0, ids.shape[1]:].tolist()
+
+
 def run_demo(out_dir: str | None = None, device: torch.device | None = None,
              max_new_tokens: int = 48, prompt: str = "The trit is the natural unit of",
              out=sys.stdout) -> dict:
@@ -107,14 +140,13 @@ def run_demo(out_dir: str | None = None, device: torch.device | None = None,
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="tritllm-demo-") as tmp:
             return run_demo(tmp, device, max_new_tokens, prompt, out)
+    import transformers
     from transformers import AutoModelForCausalLM
-
-    from . import checkpoint, hf  # noqa: F401  (hf: from_pretrained reads packed checkpoints)
-    from .cli import TextPrinter, format_speed, prompt_ids, stream_generation
-    from .model import dequantize_model
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
+
+    transformers.utils.logging.disable_progress_bar()  # the model is small: no bars
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +158,8 @@ def run_demo(out_dir: str | None = None, device: torch.device | None = None,
     t_start = time.perf_counter()
     say(f"1. building a random Llama ({config.num_hidden_layers} layers, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size}, seed {DEMO_SEED}) -> {src}")
-    save_random_llama(src, config, dtype=torch.float16, seed=DEMO_SEED)
+    save_random_llama(src, config, dtype=torch.float16, seed=DEMO_SEED, std=DEMO_STD,
+                      printable_output=True)
 
     say(f"2. quantizing at depth 2 -> {packed}")
     checkpoint.convert(src, packed, mode="quantize", depth=2, progress=False)
@@ -140,16 +173,28 @@ def run_demo(out_dir: str | None = None, device: torch.device | None = None,
     ids = prompt_ids(tokenizer, prompt)
     reference = dequantize_model(copy.deepcopy(model), dtype)
     diff = _largest_logit_difference(model, reference, ids.to(device))
-    del reference
-    say(f"4. largest |logit difference| from the dequantized reference: {diff:.3g}")
+    say(f"4. largest |logit difference| from the dequantized reference (the same trits as "
+        f"dense {str(dtype).replace('torch.', '')} weights): {diff:.3g}")
 
-    say(f"5. generating {max_new_tokens} tokens (random weights: expect gibberish)")
+    say(f"5. generating {max_new_tokens} tokens, greedy (random weights: expect gibberish)")
     out.write(prompt)
     stats = stream_generation(model, tokenizer, ids, max_new_tokens, out=out)
     say("   " + format_speed(stats, device, dtype))
+    produced = stats["tokens"]
+    expected = _reference_tokens(reference, ids, len(produced))
+    agree = next((i for i, (a, b) in enumerate(zip(produced, expected)) if a != b),
+                 len(produced))
+    say(f"   greedy tokens identical to the dequantized reference's: {agree} of "
+        f"{len(produced)}" + ("" if agree == len(produced) else
+                              " (then a near-tie is broken the other way by rounding)"))
     say(f"done in {time.perf_counter() - t_start:.1f} s")
-    return {"info": info, "max_logit_difference": diff, "generation": stats}
+    return {"info": info, "max_logit_difference": diff, "generation": stats,
+            "tokens_agreeing_with_reference": agree}
 
 
 def format_demo_info(info: dict) -> str:
-    return str(info)
+    return (f"{info['quantized_layers']} layers at depth {info['depth']}: "
+            f"{info['bits_per_weight']:.3f} bits/weight; checkpoint "
+            f"{info['size_on_disk'] / 1e6:.2f} MB on disk vs FP16 "
+            f"{info['fp16_equivalent_bytes'] / 1e6:.2f} MB ({info['compression_vs_fp16']:.2f}x "
+            "smaller; embeddings, norms and lm_head stay FP16)")

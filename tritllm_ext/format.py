@@ -223,7 +223,8 @@ def validate(packed: torch.Tensor, codebook: torch.Tensor, depth: int, in_featur
         first = int(bad.reshape(-1).nonzero()[0])
         r, col = divmod(first, packed.shape[1])
         raise ValueError(f"{name}: {nbad} corrupt packed byte(s) (a byte at or above its bound, "
-                         f"e.g. >= 243); first at row {r}, byte {col} (value {int(packed[r, col])})")
+                         f"e.g. >= 243); first at row {r}, byte {col} "
+                         f"(value {int(packed[r, col])})")
     tail0 = grp[..., 3 * depth].to(torch.int16)
     idx = tail0 % 27
     nidx = int((idx >= c).sum())

@@ -9,8 +9,8 @@ Embeddings and norms are not nn.Linear, so they always stay as they are.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -37,7 +37,8 @@ class TritLinear(nn.Module):
         super().__init__()
         fmt.check_depth(depth)
         if not 1 <= codebook_size <= fmt.MAX_CODEBOOK:
-            raise ValueError(f"codebook_size must be in [1, {fmt.MAX_CODEBOOK}], got {codebook_size}")
+            raise ValueError(f"codebook_size must be in [1, {fmt.MAX_CODEBOOK}], got "
+                             f"{codebook_size}")
         self.in_features = in_features
         self.out_features = out_features
         self.depth = depth
@@ -56,7 +57,7 @@ class TritLinear(nn.Module):
         self._validated = False
 
     @classmethod
-    def from_trit_weight(cls, tw: TritWeight, bias: torch.Tensor | None = None) -> "TritLinear":
+    def from_trit_weight(cls, tw: TritWeight, bias: torch.Tensor | None = None) -> TritLinear:
         n, k = tw.shape
         layer = cls(k, n, bias=bias is not None, depth=tw.depth,
                     codebook_size=tw.codebook.numel(), device="meta")
@@ -71,22 +72,23 @@ class TritLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, depth: int = 2) -> "TritLinear":
+    def from_linear(cls, linear: nn.Linear, depth: int = 2) -> TritLinear:
         """Quantize `linear.weight` with the codec (on the weight's device); keep its bias."""
         tw = quantize(linear.weight.detach(), depth=depth)
         return cls.from_trit_weight(tw, linear.bias)
 
     @property
     def trit_weight(self) -> TritWeight:
-        return TritWeight(self.trit_packed, self.trit_codebook, (self.out_features, self.in_features),
-                          self.depth)
+        return TritWeight(self.trit_packed, self.trit_codebook,
+                          (self.out_features, self.in_features), self.depth)
 
     def validate(self, name: str = "TritLinear") -> None:
         """Check the buffers against this module's shape and depth and the packed format; raise
         ValueError naming `name` (the module's name in its model) on the first problem."""
         for key in TRIT_BUFFERS:
             if self._buffers[key].is_meta:
-                raise ValueError(f"{name}: buffer {key} was never loaded (still on the meta device)")
+                raise ValueError(f"{name}: buffer {key} was never loaded (still on the meta "
+                                 "device)")
         meta = self.trit_meta
         if tuple(meta.shape) == (4,) and not bool(meta.any()):
             raise ValueError(f"{name}: the module holds no weights (its buffers were never loaded)")

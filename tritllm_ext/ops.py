@@ -72,11 +72,11 @@ def unpack(tw, dtype: torch.dtype = torch.float16) -> torch.Tensor:
 
 
 def set_cpu_kernel(name: str) -> str:
-    """Make the CPU ops use the kernel set `name` ("scalar", "avx2" or "auto" for the best this
-    CPU runs); raises RuntimeError if it is not available. Returns the active set's name. The
-    environment variable TRITLLM_CPU_KERNEL sets the initial choice."""
+    """Make the CPU ops use the kernel set `name` ("scalar", "avx2", "avx512" or "auto" for the
+    best this CPU runs); raises RuntimeError if it is not available. Returns the active set's
+    name. The environment variable TRITLLM_CPU_KERNEL sets the initial choice."""
     if not name:
-        raise ValueError("set_cpu_kernel: name must be 'scalar', 'avx2' or 'auto'")
+        raise ValueError("set_cpu_kernel: name must be 'scalar', 'avx2', 'avx512' or 'auto'")
     return torch.ops.tritllm._cpu_kernel(name)
 
 
