@@ -31,8 +31,8 @@ bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t de
 void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                    int64_t depth, const at::Tensor& out);
 
-// out [M, N] = x @ W.T for any M: W is unpacked chunk by chunk into a reused buffer small enough
-// to stay in L2, each chunk followed by a cuBLAS product (at::mm) on the same stream.  gemm.cu
+// out [M, N] = x @ W.T for any M: W unpacked into a transient dense buffer, then one cuBLAS
+// product (at::mm_out) on the same stream.                                        gemm.cu
 void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                       int64_t depth, const at::Tensor& out);
 
