@@ -1,19 +1,16 @@
-"""Exact adoption of dequantized weights (tritllm_ext/adopt.py)."""
-import importlib
-
+"""Exact adoption of dequantized weights (tritllm_ext/adoption.py)."""
 import pytest
 import torch
 
 from tritllm_ext import codec
 from tritllm_ext import format as fmt
-from tritllm_ext.adopt import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
+from tritllm_ext import adoption as adopt_module
+from tritllm_ext.adoption import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
 
 DEPTHS = (1, 2, 3, 4)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
-# The package re-exports the function `adopt`, which hides the module of the same name.
-adopt_module = importlib.import_module("tritllm_ext.adopt")
 
 # log10 of the weight magnitudes to try, per output dtype: ordinary, tiny (subnormal outputs,
 # underflow to +-0.0) and huge (kept clear of overflow).

@@ -202,7 +202,7 @@ def load_trit_weight(path, prefix: str = "weight", device="cpu") -> TritWeight:
 
 
 # ---------------------------------------------------------------------------------------------
-# The quantizer's pieces, shared with adopt.py (which requantizes groups with the same rule).
+# The quantizer's pieces, shared with adoption.py (which requantizes groups with the same rule).
 
 def best_group_scales(groups: torch.Tensor, depth: int,
                       valid_in_last: int = fmt.GROUP_SIZE) -> torch.Tensor:
