@@ -88,3 +88,8 @@ def cpu_kernel() -> str:
 def cpu_kernels_available() -> list[str]:
     """The CPU kernel sets this build and CPU can run, best first."""
     return list(torch.ops.tritllm._cpu_kernels_available())
+
+
+def cpu_kernels_compiled() -> list[str]:
+    """The CPU kernel sets this build compiled, best first, whether or not this CPU runs them."""
+    return list(torch.ops.tritllm._cpu_kernels_compiled())

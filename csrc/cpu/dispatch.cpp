@@ -39,12 +39,26 @@ bool cpu_runs_avx2_fma() { return false; }
 bool cpu_runs_avx512_vnni() { return false; }
 #endif
 
+// The kernel sets this build has, best first, and whether this CPU can run each.
+struct CompiledKernelSet {
+  const KernelSet* kernels;
+  bool runs_here;
+};
+
+std::vector<CompiledKernelSet> compiled_kernels() {
+  std::vector<CompiledKernelSet> sets;
+  if (avx512_kernels() != nullptr) sets.push_back({avx512_kernels(), cpu_runs_avx512_vnni()});
+  if (avx2_kernels() != nullptr) sets.push_back({avx2_kernels(), cpu_runs_avx2_fma()});
+  sets.push_back({&kScalarKernels, true});
+  return sets;
+}
+
 // The kernel sets this build has and this CPU can run, best first.
 std::vector<const KernelSet*> usable_kernels() {
   std::vector<const KernelSet*> sets;
-  if (avx512_kernels() != nullptr && cpu_runs_avx512_vnni()) sets.push_back(avx512_kernels());
-  if (avx2_kernels() != nullptr && cpu_runs_avx2_fma()) sets.push_back(avx2_kernels());
-  sets.push_back(&kScalarKernels);
+  for (const CompiledKernelSet& c : compiled_kernels()) {
+    if (c.runs_here) sets.push_back(c.kernels);
+  }
   return sets;
 }
 
@@ -91,6 +105,12 @@ std::string cpu_kernel_op(const std::string& select) {
 std::vector<std::string> cpu_kernels_available_op() {
   std::vector<std::string> names;
   for (const KernelSet* k : usable_kernels()) names.emplace_back(k->name);
+  return names;
+}
+
+std::vector<std::string> cpu_kernels_compiled_op() {
+  std::vector<std::string> names;
+  for (const CompiledKernelSet& c : compiled_kernels()) names.emplace_back(c.kernels->name);
   return names;
 }
 
@@ -219,6 +239,8 @@ TORCH_LIBRARY_FRAGMENT(tritllm, m) {
   m.def("_cpu_kernel(str select=\"\") -> str", &cpu_kernel_op);
   // The kernel sets this build and CPU can run, best first.
   m.def("_cpu_kernels_available() -> str[]", &cpu_kernels_available_op);
+  // The kernel sets this build compiled, whether or not this CPU can run them.
+  m.def("_cpu_kernels_compiled() -> str[]", &cpu_kernels_compiled_op);
 }
 
 TORCH_LIBRARY_IMPL(tritllm, CPU, m) {
