@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tritllm_ext.demo import build_random_llama, llama_config  # noqa: E402
+from tritllm_ext.demo import build_random_llama, llama_config, rebuild_rotary  # noqa: E402
 from tritllm_ext.generate import Generator  # noqa: E402
 from tritllm_ext.model import quantizable_linears  # noqa: E402
 from tritllm_ext.nn import TritLinear  # noqa: E402
@@ -324,6 +324,7 @@ def run(args, log=print, save=lambda result: None) -> dict:
     reference = None
     for dtype in args.baselines:
         model = model.to(dtype_of(dtype))
+        rebuild_rotary(model, device)
         v, logits = measure_variant(dtype, model, args, device, vocab, reference, logit_ids, log)
         reference = logits if reference is None else reference
         variants.append(v)
@@ -336,6 +337,7 @@ def run(args, log=print, save=lambda result: None) -> dict:
     trit_logits = {}
     for dtype in args.trit_dtypes:
         model = model.to(dtype_of(dtype))
+        rebuild_rotary(model, device)
         v, trit_logits[dtype] = measure_variant(f"trit d={args.depth} ({dtype})", model, args,
                                                 device, vocab, reference, logit_ids, log)
         variants.append(v)
@@ -529,6 +531,16 @@ def report(result: dict, stem: str) -> None:
           f"{result['new_tokens']} new tokens, median of {result['runs']} runs, "
           f"{result['device']}, torch {result['torch']}, {result['date']}")
     print(table(result))
+    print("(logit columns: against the floating-point model on one prompt; with random weights "
+          "they show quantization noise, not model quality)")
+    modes = {f"{v['name']} B={b}": ("compiled" if r["compiled"] else "eager") + " layer, "
+             + ("CUDA graph" if r["cuda_graph"] else "no graph")
+             for v in result["variants"] for b, r in v["decode"].items()}
+    if len(set(modes.values())) > 1:
+        print("decode ran differently across variants: "
+              + "; ".join(f"{k}: {m}" for k, m in modes.items()))
+    else:
+        print(f"decode: {next(iter(modes.values()))} for every variant")
     for v in result["variants"]:
         d = v.get("logits_vs_trit_fp_lm_head")
         if d:

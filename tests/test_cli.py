@@ -109,6 +109,18 @@ def test_generate_streams_the_greedy_continuation(packed_dir):
     assert result.stdout.startswith(PROMPT + text)
 
 
+def test_generate_falls_back_to_transformers_for_other_architectures(tmp_path):
+    tokenizer = byte_level_tokenizer()
+    config = transformers.GemmaConfig(vocab_size=len(tokenizer), head_dim=16, **TINY)
+    save_random_llama(str(tmp_path / "fp16"), config, dtype=torch.float16, seed=3)
+    assert run_cli("quantize", tmp_path / "fp16", tmp_path / "packed", "--quiet").returncode == 0
+    result = run_cli("generate", tmp_path / "packed", "--prompt", PROMPT, "--max-new-tokens", 4,
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "model_type 'gemma' is not one of" in result.stderr
+    assert "tokens/s with transformers' generate" in result.stdout
+
+
 def test_generate_with_sampling_runs(packed_dir):
     path, _ = packed_dir
     result = run_cli("generate", path, "--prompt", PROMPT, "--max-new-tokens", 4, "--sample",

@@ -99,7 +99,8 @@ def test_on_token_callback_sees_every_step():
 
 
 def test_compiled_decoder_layer_gives_the_same_tokens():
-    model = tiny_model()
+    # TritLinear inside torch.compile: the op's fake kernel lets it trace in one graph.
+    model = quantize_model(tiny_model(), depth=2, progress=False)
     ids = prompt()
     assert torch.equal(generate(model, ids, 8, compile=True), hf_greedy(model, ids, 8))
 

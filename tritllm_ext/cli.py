@@ -21,6 +21,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from . import checkpoint
+from .generate import Generator, max_len_for, unsupported_reason
+
 BENCH_SCRIPTS = {"cpu": "cpu_bench.py", "gpu": "gpu_bench.py", "e2e": "e2e_bench.py"}
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -37,9 +42,7 @@ def _existing_dir(path: str, what: str) -> str:
     return path
 
 
-def resolve_device(name: str):
-    import torch
-
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -47,28 +50,24 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device):
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """float16 on CUDA and float32 on the CPU unless asked otherwise."""
-    import torch
-
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    raise AssertionError("unreachable")
+    if n < 1e3:
+        return f"{n:.0f} B"
+    unit, scale = next((u, s) for u, s in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9))
+                       if n < 1e3 * s or u == "GB")
+    return f"{n / scale:.2f} {unit}"
 
 
 # ---- quantize / adopt / info ---------------------------------------------------------------
 
 def _convert(args, mode: str) -> int:
-    from . import checkpoint
-
     _existing_dir(args.src_dir, "source model directory")
     if os.path.abspath(args.src_dir) == os.path.abspath(args.out_dir):
         raise UsageError("OUT_DIR must differ from SRC_DIR (the source is read while the "
@@ -121,8 +120,6 @@ def cmd_adopt(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import checkpoint
-
     _existing_dir(args.dir, "checkpoint directory")
     info = checkpoint.info(args.dir)
     print(json.dumps(info, indent=1, default=str) if args.json else format_info(info))
@@ -182,8 +179,6 @@ def load_for_generation(model_dir: str, device, dtype):
     """(model, tokenizer) from a packed or plain Hugging Face model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import hf  # noqa: F401  (lets from_pretrained read packed checkpoints)
-
     _existing_dir(model_dir, "model directory")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise UsageError(f"{model_dir!r} has no config.json: not a Hugging Face model directory")
@@ -196,9 +191,7 @@ def load_for_generation(model_dir: str, device, dtype):
     return model.to(device).eval(), tokenizer
 
 
-def prompt_ids(tokenizer, prompt: str):
-    import torch
-
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         if tokenizer.bos_token_id is None:
@@ -213,8 +206,6 @@ def stream_generation(model, tokenizer, ids, max_new_tokens: int, *, temperature
     """Streams the continuation of `ids` [1, T] to `out` with generate.Generator and returns
     the new token ids and the timings: prefill_s, decode_tokens and decode_s, setup_s (graph
     capture and compilation, before the first token)."""
-    from .generate import Generator, max_len_for
-
     gen = Generator(model, 1, max_len_for(ids.shape[1], max_new_tokens),
                     temperature=temperature, top_k=top_k, compile=compile)
     t0 = time.perf_counter()
@@ -266,10 +257,6 @@ def format_speed(stats: dict, device, dtype) -> str:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from .generate import max_len_for, unsupported_reason
-
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
@@ -295,7 +282,7 @@ def cmd_generate(args) -> int:
 # ---- demo / bench --------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # here, not at the top: demo uses this module's helpers
 
     device = resolve_device(args.device)
     run_demo(out_dir=args.out, device=device, max_new_tokens=args.max_new_tokens,

@@ -63,7 +63,8 @@ class TritWeight:
 
     The constructor validates everything (``format.validate``: dtypes, shapes, corrupt bytes,
     scale indices, padding, NaN/inf in the codebook), so a TritWeight always holds a well-formed
-    matrix. Both tensors are made contiguous and must be on the same device.
+    matrix. Both tensors are made contiguous and must be on the same device. (Internal code that
+    copies an already validated TritWeight, e.g. ``to``, uses ``_unchecked`` instead.)
     """
     packed: torch.Tensor
     codebook: torch.Tensor
@@ -201,7 +202,7 @@ def load_trit_weight(path, prefix: str = "weight", device="cpu") -> TritWeight:
 
 
 # ---------------------------------------------------------------------------------------------
-# The quantizer's pieces, shared with adopt.py (which requantizes groups with the same rule).
+# The quantizer's pieces, shared with adoption.py (which requantizes groups with the same rule).
 
 def best_group_scales(groups: torch.Tensor, depth: int,
                       valid_in_last: int = fmt.GROUP_SIZE) -> torch.Tensor:

@@ -21,18 +21,21 @@ import time
 
 import torch
 
+from . import checkpoint
+from .cli import format_speed, prompt_ids, stream_generation
 from .generate import Generator, max_len_for
+from .model import dequantize_model
 
 # A small Llama: 4 layers, grouped-query attention (8 query heads over 4 key/value heads).
 DEMO_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
 DEMO_SEED = 0
-# The demo's weights are a little larger than INIT_STD, so that every layer, not only the last
-# token's embedding, sways the next token: the output varies instead of repeating one character.
-DEMO_STD = 0.05
 # Standard deviation of the random weights: small enough that activations stay finite through
 # many layers in float16, as with a real model's initialisation.
 INIT_STD = 0.02
+# The demo's weights are a little larger than INIT_STD, so that every layer, not only the last
+# token's embedding, sways the next token: the output varies instead of repeating one character.
+DEMO_STD = 0.05
 
 BOS, EOS = "<s>", "</s>"
 
@@ -83,11 +86,16 @@ def build_random_llama(config, dtype: torch.dtype = torch.float32, device="cpu",
             setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.get_input_embeddings().weight
-    # Buffers (the rotary inverse frequencies) are computed, not learned: build them again.
+    rebuild_rotary(model, device)
+    return model.eval()
+
+
+def rebuild_rotary(model, device) -> None:
+    """The rotary inverse frequencies are buffers computed from the config, in float32. The meta
+    device left them empty, and `model.to(torch.bfloat16)` rounds them: build them again."""
     rotary = model.model.rotary_emb
     with torch.device(device):
-        model.model.rotary_emb = type(rotary)(config=config)
-    return model.eval()
+        model.model.rotary_emb = type(rotary)(config=model.config)
 
 
 def printable_output_only(model, tokenizer) -> None:
@@ -134,10 +142,6 @@ def run_demo(out_dir: str | None = None, device: torch.device | None = None,
             return run_demo(tmp, device, max_new_tokens, prompt, out)
     import transformers
     from transformers import AutoModelForCausalLM
-
-    from . import checkpoint, hf  # noqa: F401  (hf: from_pretrained reads packed checkpoints)
-    from .cli import format_speed, prompt_ids, stream_generation
-    from .model import dequantize_model
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)

@@ -8,9 +8,10 @@ alike) with:
   and for values, written in place at the current position;
 * rotary cos/sin tables computed once, with the model's own rotary module, for every position;
 * on CUDA, one decode step (model forward, token choice, cache and position update) captured as
-  a CUDA graph and replayed, optionally over a torch.compile'd forward that fuses the small
-  element-wise kernels. The host only launches replays; it reads a token back (a sync) only when
-  the caller asks for tokens one by one (streaming, or stopping at an end-of-sequence token).
+  a CUDA graph and replayed; optionally (`compile=True`) every decoder layer runs through one
+  torch.compile'd function, which fuses the small element-wise kernels between the matmuls.
+  The host only launches replays; it reads a token back (a sync) only when the caller asks for
+  tokens one by one (streaming, or stopping at an end-of-sequence token).
 
 Architectures: llama, mistral, qwen2 and qwen3 (their decoder layers share one structure).
 `unsupported_reason` says why another model cannot take this path; `tritllm generate` then falls
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose cos/sin depend only on the position (not on the sequence length seen).
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Warm-up runs before a CUDA graph capture: they let cuBLAS, the caching allocator and
 # torch.compile settle on the buffers they will use during capture.
 _WARMUP_STEPS = 3
