@@ -116,7 +116,7 @@ class BuildExtension(cpp_extension.BuildExtension):
       function (from a header) is emitted by both kinds of unit, the linker keeps the portable
       copy (.ci/check_simd_isolation.py checks the result).
     * it writes BUILD_CONFIG_NAME next to _C: the torch the library was compiled against, CUDA
-      and its archs, the CPU units. Both `pip install` and `build_ext --inplace` pass here.
+      and its archs. Both `pip install` and `build_ext --inplace` pass here.
     * it leaves the built library in the source tree as well (see run).
     """
 
@@ -163,7 +163,6 @@ def _extension():
         "cuda": with_cuda,
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": re.split(r"[;\s]+", _cuda_arch_list().strip()) if with_cuda else [],
-        "cpu_kernels": ["scalar"] + (sorted(simd_units) if _is_x86() else []),
     }
     if with_cuda:
         _check_cuda_home()
