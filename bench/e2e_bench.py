@@ -294,6 +294,8 @@ def run(args, log=print, save=lambda result: None) -> dict:
     """Builds, measures and returns the result; `save(result)` is called after each variant,
     so that a run cut short still leaves what it measured."""
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = llama_config(**MODELS[args.model])
     if args.layers:
         config.num_hidden_layers = args.layers
@@ -309,7 +311,8 @@ def run(args, log=print, save=lambda result: None) -> dict:
               "new_tokens": args.new_tokens, "prefill_len": args.prefill_len,
               "runs": args.runs, "quick": args.quick,
               "distinct_layers": args.distinct_layers or config.num_hidden_layers,
-              "command": " ".join(sys.argv), "variants": variants}
+              "command": " ".join(sys.argv), "load_average_at_start": os.getloadavg(),
+              "variants": variants}
     torch.manual_seed(SEED)
     log(f"building {args.model} ({config.num_hidden_layers} layers) with random weights in "
         f"{args.baselines[0]} on {device_name(device)}")
@@ -351,6 +354,10 @@ def run(args, log=print, save=lambda result: None) -> dict:
         v["optional"] = True
         variants.append(v)
         save(result)
+    # The load of the machine during the run (1-minute average): on a shared 2-core machine any
+    # load above ~2 means the timings include waiting for a core.
+    result["load_average_at_end"] = os.getloadavg()
+    save(result)
     return result
 
 
@@ -497,6 +504,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--prefill-len", type=int, help="0 skips the prefill measurement")
     p.add_argument("--runs", type=int)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--depth", type=int, default=2, choices=(1, 2, 3, 4))
     p.add_argument("--baselines", nargs="+", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--trit-dtypes", nargs="+", choices=("float32", "float16", "bfloat16"),
@@ -530,6 +538,9 @@ def report(result: dict, stem: str) -> None:
     print(f"{result['model']} shapes, d={result['depth']}, prompt {result['prompt_len']}, "
           f"{result['new_tokens']} new tokens, median of {result['runs']} runs, "
           f"{result['device']}, torch {result['torch']}, {result['date']}")
+    if "load_average_at_end" in result:
+        print(f"machine load (1/5/15-min averages) at start {result['load_average_at_start']}, "
+              f"at end {result['load_average_at_end']}")
     print(table(result))
     print("(logit columns: against the floating-point model on one prompt; with random weights "
           "they show quantization noise, not model quality)")
