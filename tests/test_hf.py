@@ -22,18 +22,6 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tritllm_ext.__f
 PROJECTION = "model.layers.1.mlp.up_proj"
 
 
-@pytest.fixture(scope="module")
-def quantized():
-    return quantize_model(tiny_llama(), progress=False)
-
-
-@pytest.fixture(scope="module")
-def saved(quantized, tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed")
-    save(quantized, out)
-    return out
-
-
 def _trit_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, TritLinear)}
 
