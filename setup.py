@@ -13,6 +13,7 @@ Environment:
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
 """
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -31,9 +32,10 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
 # The file the build writes next to _C; tritllm_ext/_loader.py reads it before importing _C.
 BUILD_CONFIG_NAME = "_build_config.json"
 
-# Instruction-set units: csrc/cpu/<name>/*.cpp is compiled with these flags and nothing else is,
+# Instruction-set units: csrc/cpu/<name>/*.cpp. On x86 they alone are compiled with these flags,
 # so the rest of the library runs on any x86-64 CPU and csrc/cpu/dispatch.cpp picks a unit at
-# run time. They are x86-only: other machines build the portable scalar kernels alone.
+# run time. Elsewhere they are compiled without the flags, and their `#if defined(__AVX2__)`
+# guards leave only a stub that tells dispatch.cpp the unit is absent.
 X86_SIMD_UNITS = {"avx2": ["-mavx2", "-mfma"]}
 
 
@@ -49,13 +51,10 @@ def _sources(pattern):
     return sorted(glob.glob(pattern))
 
 
-def _simd_units():
-    """{unit name: (sources, flags)} of the instruction-set units this machine compiles."""
-    if not _is_x86():
-        return {}
-    units = {name: (_sources(f"csrc/cpu/{name}/*.cpp"), flags)
-             for name, flags in X86_SIMD_UNITS.items()}
-    return {name: unit for name, unit in units.items() if unit[0]}
+def _simd_unit_sources():
+    """{unit name: its sources}, for the units that have sources."""
+    units = {name: _sources(f"csrc/cpu/{name}/*.cpp") for name in X86_SIMD_UNITS}
+    return {name: sources for name, sources in units.items() if sources}
 
 
 def _want_cuda(cuda_sources):
@@ -84,6 +83,18 @@ def _check_cuda_home():
                            "without CUDA with TRITLLM_FORCE_CPU=1")
 
 
+def _cuda_library_include_dirs():
+    """ATen's CUDA headers include cuBLAS, cuSPARSE and cuSOLVER headers. A compiler-only CUDA
+    toolkit (as on the CI image) lacks them; then take them from the pip packages torch installs
+    its CUDA libraries from (nvidia/<package>/include), the headers of the very libraries torch
+    runs with."""
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = spec.submodule_search_locations if spec is not None else []
+    return sorted(d for root in roots for d in glob.glob(os.path.join(root, "*", "include")))
+
+
 def _cuda_arch_list():
     """The archs nvcc compiles for; also exported for torch's nvcc flag builder, which reads
     TORCH_CUDA_ARCH_LIST (without it torch would compile for every arch it knows)."""
@@ -99,20 +110,21 @@ def _cuda_arch_list():
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, plus what it cannot do on its own:
 
-    * torch gives every C++ file of an extension the same flags; the instruction-set units
-      (X86_SIMD_UNITS) alone need theirs, so they are compiled first, on their own, and linked in
-      as extra objects. Extra objects come last on the link line, so where an inline function
-      (from a header) is emitted by both kinds of unit, the linker keeps the portable copy.
+    * torch gives every C++ file of an extension the same flags; on x86 the instruction-set
+      units (X86_SIMD_UNITS) alone need theirs, so they are compiled first, on their own, and
+      linked in as extra objects. Extra objects come last on the link line, so where an inline
+      function (from a header) is emitted by both kinds of unit, the linker keeps the portable
+      copy (.ci/check_simd_isolation.py checks the result).
     * it writes BUILD_CONFIG_NAME next to _C: the torch the library was compiled against, CUDA
-      and its archs, the CPU units. Both `pip install` and `build_ext --inplace` pass here.
+      and its archs. Both `pip install` and `build_ext --inplace` pass here.
     * it leaves the built library in the source tree as well (see run).
     """
 
     def build_extension(self, ext):
-        for name, (sources, flags) in _simd_units().items():
+        for name, sources in (_simd_unit_sources().items() if _is_x86() else ()):
             ext.sources = [s for s in ext.sources if s not in sources]
             args = {lang: list(a) for lang, a in ext.extra_compile_args.items()}
-            args["cxx"] += flags
+            args["cxx"] += X86_SIMD_UNITS[name]
             ext.extra_objects = list(ext.extra_objects) + self.compiler.compile(
                 sources, output_dir=self.build_temp, include_dirs=ext.include_dirs,
                 macros=ext.define_macros, extra_postargs=args)
@@ -139,33 +151,29 @@ class BuildExtension(cpp_extension.BuildExtension):
 def _extension():
     cuda_sources = _sources("csrc/cuda/*.cu")
     with_cuda = _want_cuda(cuda_sources)
-    simd_units = _simd_units()
+    simd_units = _simd_unit_sources()
     sources = (_sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-               + [s for unit_sources, _ in simd_units.values() for s in unit_sources])
+               + [s for unit_sources in simd_units.values() for s in unit_sources])
     # at::parallel_for expands to OpenMP pragmas in our own translation units: without
     # -fopenmp they would be ignored and every kernel would run on one thread.
     openmp = ["-fopenmp"] if platform.system() == "Linux" else []
     cxx = ["-O3"] + openmp
-    # Tells csrc/cpu/dispatch.cpp which instruction-set units exist in this build.
-    macros = [(f"TRITLLM_WITH_{name.upper()}", "1") for name in simd_units]
     build_config = {
         "torch": torch.__version__,
         "cuda": with_cuda,
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": re.split(r"[;\s]+", _cuda_arch_list().strip()) if with_cuda else [],
-        "cpu_kernels": ["scalar"] + sorted(simd_units),
     }
     if with_cuda:
         _check_cuda_home()
-        macros.append(("TRITLLM_WITH_CUDA", "1"))
         # No --use_fast_math: it flushes float32 denormals to zero, and the format defines a
         # weight as the exactly rounded float32 product codebook * level (docs/FORMAT.md).
         ext = cpp_extension.CUDAExtension(
-            "tritllm_ext._C", sources + cuda_sources, define_macros=macros,
+            "tritllm_ext._C", sources + cuda_sources, include_dirs=_cuda_library_include_dirs(),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=openmp)
     else:
-        ext = cpp_extension.CppExtension("tritllm_ext._C", sources, define_macros=macros,
+        ext = cpp_extension.CppExtension("tritllm_ext._C", sources,
                                          extra_compile_args={"cxx": cxx},
                                          extra_link_args=openmp)
     ext.build_config = build_config

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Proves that nothing x86-only breaks the build on aarch64: cross-compiles every C++ source an
-# aarch64 build compiles (csrc/*.cpp and csrc/cpu/*.cpp; the csrc/cpu/avx2 units are x86-only and
-# left out, as setup.py and CMakeLists.txt leave them out there) against the installed torch's
+# aarch64 build compiles (csrc/*.cpp, csrc/cpu/*.cpp and csrc/cpu/avx2/*.cpp, the last without
+# -mavx2, as setup.py and CMakeLists.txt compile them there) against the installed torch's
 # headers, then checks that every tritllm function those objects call is defined by one of them
-# (a portable file calling an AVX2 kernel without an #ifdef TRITLLM_WITH_AVX2 guard compiles,
-# but would not link).
+# (code that calls an AVX2 kernel the aarch64 build lacks compiles, but would not link).
 #
 #   bash .ci/check_aarch64.sh            (PYTHON: the interpreter whose torch to use; python3)
 #
@@ -37,7 +36,7 @@ for path in include_paths() + [sysconfig.get_paths()["include"]]:
     print("-I" + path)')
 
 shopt -s nullglob
-SOURCES=(csrc/*.cpp csrc/cpu/*.cpp)
+SOURCES=(csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/avx2/*.cpp)
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 

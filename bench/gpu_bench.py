@@ -133,6 +133,12 @@ class Implementations:
                  for p in self.packed]
         return median_replay_ms(capture(calls), len(calls))
 
+    def time_unpack(self):
+        """The unpack op (exact, to float16) on every copy."""
+        calls = [lambda p=p: torch.ops.tritllm.unpack(p, self.codebook, DEPTH, self.k, torch.float16)
+                 for p in self.packed]
+        return median_replay_ms(capture(calls), len(calls))
+
     def time_cublas(self, x):
         calls = [lambda w=w: F.linear(x, w) for w in self.dense]
         return median_replay_ms(capture(calls), len(calls))
@@ -171,9 +177,13 @@ def run(tokens):
     l2_bytes = props.L2_cache_size
     copy_gbs = copy_bandwidth_gbs(l2_bytes)
     print(f"{props.name}: copy bandwidth {copy_gbs:.0f} GB/s (read + write), L2 {l2_bytes >> 20} MB")
-    rows = []
+    rows, unpacks = [], []
     for n, k in SHAPES:
         impl = Implementations(n, k, l2_bytes, generator)
+        u = impl.time_unpack()
+        unpacks.append({"N": n, "K": k, "unpack_us": u * 1e3,
+                        "gbs": (impl.packed[0].nbytes + n * k * 2) / u / 1e6})
+        print(f"unpack {n}x{k} to float16: {u * 1e3:.1f} us, {unpacks[-1]['gbs']:.0f} GB/s", flush=True)
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             t = impl.time_tritllm(x)
@@ -193,7 +203,8 @@ def run(tokens):
           f"cuBLAS fp16 {layer['cublas_fp16_us']:.1f} us, {layer['speedup']:.2f}x")
     return {"device": props.name, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "copy_gbs": copy_gbs, "depth": DEPTH,
-            "command": " ".join(["python"] + sys.argv), "rows": rows, "layer_m1": layer}
+            "command": " ".join(["python"] + sys.argv), "rows": rows, "layer_m1": layer,
+            "unpack": unpacks}
 
 
 HEADER = ("| N x K | M | tritllm us | GB/s | % copy | cuBLAS fp16 us | tinygemm int4 us "

@@ -80,7 +80,7 @@ for b in quickbench bench; do
     timeout 500 python3 bench/gpu_bench.py $flag --json "$OUT/gpu_bench.json" --plot "$OUT/gpu_bench.png" \
       > "$OUT/bench.log" 2>&1
     note "$b: rc=$? in $((SECONDS - start)) s"
-    grep -E "copy bandwidth|decoder layer" "$OUT/bench.log"
+    grep -E "copy bandwidth|decoder layer|^unpack" "$OUT/bench.log"
     sed -n '/^| N x K/,$p' "$OUT/bench.log"
   fi
 done

@@ -32,7 +32,9 @@ void check_output_dtype(c10::ScalarType dtype) {
 }
 
 void check_activation(const at::Tensor& x, const at::Tensor& packed, int64_t in_features) {
-  check_output_dtype(x.scalar_type());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "tritllm: x must be float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "tritllm: x must have shape [..., ",
               in_features, "], got ", x.sizes());
   TORCH_CHECK(x.device() == packed.device(), "tritllm: x is on ", x.device(),

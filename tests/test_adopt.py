@@ -1,15 +1,16 @@
-"""Exact adoption of dequantized weights (tritllm_ext/adopt.py)."""
+"""Exact adoption of dequantized weights (tritllm_ext/adoption.py)."""
 import pytest
 import torch
 
-from tritllm_ext import adopt as adopt_module
 from tritllm_ext import codec
 from tritllm_ext import format as fmt
-from tritllm_ext.adopt import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
+from tritllm_ext import adoption as adopt_module
+from tritllm_ext.adoption import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
 
 DEPTHS = (1, 2, 3, 4)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
 
 # log10 of the weight magnitudes to try, per output dtype: ordinary, tiny (subnormal outputs,
 # underflow to +-0.0) and huge (kept clear of overflow).
@@ -135,9 +136,9 @@ def test_subnormal_group_needs_the_exhaustive_search():
     levels = torch.tensor([0, 2, 0, 1, 2, 4, -4, 3, 1, -1, -1, 1, 4, 0, 2, 2])
     w = (scale * levels).to(torch.float16).reshape(1, 16)
     a, b, constrained = adopt_module._weight_bounds(w)
-    rows, _, _ = adopt_module._fast_alternatives(w.abs().float(), a, b, constrained,
-                                                 fmt.max_level(2), 2.0 ** -11)
-    assert rows.numel() == 0
+    rows, _, _, survived = adopt_module._fast_alternatives(
+        w.abs().float(), a, b, constrained, fmt.max_level(2), 2.0 ** -11, 2.0 ** -25)
+    assert rows.numel() == 0 and bool(survived.all())
     assert_adopts_exactly(w, 2)
 
 
@@ -236,6 +237,8 @@ def test_more_than_27_scales():
     tw, report = adopt_with_report(w, 2, strict=False)
     assert report.requantized_groups == info.value.failed
     assert report.codebook_size == 27 and report.exact_groups == 64 - info.value.failed
+    same = (bits(tw.dequantize(torch.float16)) == bits(w)).reshape(16, 4, 16).all(-1)
+    assert int(same.sum()) >= report.exact_groups
 
 
 def test_rejects_bad_input():
@@ -251,6 +254,13 @@ def test_rejects_bad_input():
         adopt(torch.ones(2, 16, dtype=torch.float16), group_size=8)
     with pytest.raises(ValueError, match="depth"):
         adopt(torch.ones(2, 16, dtype=torch.float16), depth=0)
+
+
+def test_non_contiguous_input():
+    w = codec.quantize(torch.randn(40, 70), 3).dequantize(torch.float16)
+    for view in (torch.cat([w, w], 1)[:, :70], w.t().contiguous().t()):
+        assert not view.is_contiguous()
+        assert torch.equal(adopt(view, 3).packed, adopt(w, 3).packed)
 
 
 def test_adopt_returns_the_weight_of_the_report():

@@ -3,7 +3,9 @@
 The CMake library and the cross-compiles are checked by .ci/run, not here: they need builds.
 """
 import importlib.abc
+import pathlib
 import platform
+import re
 import sys
 
 import pytest
@@ -102,3 +104,12 @@ def test_missing_build_record_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.setattr(_loader, "BUILD_CONFIG_PATH", str(tmp_path / "_build_config.json"))
     with pytest.raises(ImportError, match="tritllm_ext is not built"):
         _loader.read_build_config()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs README.md's test command verbatim; the two copies must not drift apart."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    match = re.search(r"^README_TEST_COMMAND='(.+)'$", (root / ".ci" / "run").read_text(),
+                      re.MULTILINE)
+    assert match, ".ci/run defines no README_TEST_COMMAND"
+    assert match.group(1) in (root / "README.md").read_text()

@@ -20,18 +20,6 @@ from tritllm_ext.checkpoint import CheckpointError, shard_files
 PROJECTION = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module")
-def quantized():
-    return quantize_model(tiny_llama(), progress=False)
-
-
-@pytest.fixture(scope="module")
-def saved(quantized, tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed")
-    save(quantized, out)
-    return out
-
-
 @pytest.fixture
 def broken(saved, tmp_path):
     """A private copy of the saved checkpoint to damage."""

@@ -114,6 +114,8 @@ def test_quantize_input_dtypes_agree(dtype):
     w = random_weight(8, 40, gen).to(dtype)
     a, b = quantize(w, 3), quantize(w.float(), 3)
     assert torch.equal(a.packed, b.packed) and torch.equal(a.codebook, b.codebook)
+    c = quantize(w.t().contiguous().t(), 3)  # a non-contiguous view of the same values
+    assert torch.equal(a.packed, c.packed)
 
 
 def test_short_last_group_candidates():

@@ -5,7 +5,7 @@ cover, and the shapes are chosen so that each path meets odd M and N, K not a mu
 several K-splits and partial row blocks:
   * "lut"      depth 1-2, float16/bfloat16 x, whole 256-weight runs, M <= 48;
   * "generic"  any other call with M <= 16;
-  * "gemm"     the rest: W unpacked chunk by chunk, cuBLAS.
+  * "gemm"     the rest: W unpacked, then cuBLAS.
 
 References are float64, built from the Python codec (tritllm_ext/format.py) by the Weight helper
 of tests/test_cpu_ops.py. Two kinds of data:
@@ -47,11 +47,11 @@ PATH_CASES = [
     ("generic", 2, torch.float32, 16, 41, 15),
     ("generic", 2, torch.float16, 3, 65, 4000),   # G % 16 != 0
     ("generic", 1, torch.bfloat16, 2, 5, 17),
-    ("gemm", 2, torch.float16, 64, 300, 1024),    # unpacks through the lookup-table decoder
+    ("gemm", 2, torch.float16, 64, 300, 1024),
     ("gemm", 1, torch.bfloat16, 50, 70, 512),
     ("gemm", 4, torch.bfloat16, 20, 7, 333),
     ("gemm", 1, torch.float32, 33, 65, 100),
-    ("gemm", 3, torch.float32, 49, 1000, 8192),   # several L2-sized chunks of W
+    ("gemm", 3, torch.float32, 49, 1000, 8192),
 ]
 
 

@@ -22,18 +22,6 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(tritllm_ext.__f
 PROJECTION = "model.layers.1.mlp.up_proj"
 
 
-@pytest.fixture(scope="module")
-def quantized():
-    return quantize_model(tiny_llama(), progress=False)
-
-
-@pytest.fixture(scope="module")
-def saved(quantized, tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed")
-    save(quantized, out)
-    return out
-
-
 def _trit_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, TritLinear)}
 
@@ -166,7 +154,12 @@ def test_device_map(quantized, saved, device_map):
     model = AutoModelForCausalLM.from_pretrained(saved, device_map=device_map)
     assert isinstance(model.get_submodule(PROJECTION), TritLinear)
     ids = token_ids()
-    assert torch.equal(logits(model, ids), logits(quantized, ids))
+    out = logits(model, ids)
+    if out.is_cuda:  # "auto" with a GPU: other kernels, so the tolerance of tiny_models.py
+        reference = dequantize_model(copy.deepcopy(quantized), torch.float32)
+        assert_logits_close(out, logits(reference, ids))
+    else:
+        assert torch.equal(out, logits(quantized, ids))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

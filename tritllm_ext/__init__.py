@@ -3,7 +3,7 @@ import torch  # noqa: F401  (loads libtorch before our library)
 
 from . import _loader  # noqa: F401  (checks the torch version, imports _C: torch.ops.tritllm.*)
 from . import hf
-from .adopt import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
+from .adoption import AdoptReport, NonConformingWeightError, adopt, adopt_with_report
 from .build_info import build_info
 from .checkpoint import convert, info, load, save
 from .codec import TritWeight, dequantize, quantize

@@ -18,7 +18,7 @@ REINSTALL_HINT = ("Rebuild tritllm_ext against the running torch: `pip install "
 
 
 def read_build_config() -> dict:
-    """What the build recorded: version, torch, cuda, cuda_version, cuda_archs, cpu_kernels."""
+    """What the build recorded: version, torch, cuda, cuda_version, cuda_archs."""
     try:
         with open(BUILD_CONFIG_PATH) as f:
             return json.load(f)

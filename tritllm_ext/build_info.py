@@ -14,7 +14,8 @@ def build_info() -> dict:
     cuda                   whether the CUDA kernels were compiled
     cuda_version           CUDA version of the torch they were compiled for, or None
     cuda_archs             CUDA archs compiled (TORCH_CUDA_ARCH_LIST entries), [] without CUDA
-    cpu_kernels_compiled   CPU kernel sets compiled: "scalar" always, "avx2" on x86-64
+    cpu_kernels_compiled   CPU kernel sets compiled: "scalar" always, "avx2" and "avx512" on
+                           x86-64
     cpu_kernels_available  CPU kernel sets this machine can run
     cpu_kernel             the CPU kernel set in use
     """
@@ -26,7 +27,7 @@ def build_info() -> dict:
         "cuda": config["cuda"],
         "cuda_version": config["cuda_version"],
         "cuda_archs": config["cuda_archs"],
-        "cpu_kernels_compiled": config["cpu_kernels"],
+        "cpu_kernels_compiled": ops.cpu_kernels_compiled(),
         "cpu_kernels_available": ops.cpu_kernels_available(),
         "cpu_kernel": ops.cpu_kernel(),
     }

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import format as fmt
-from .adopt import NonConformingWeightError, adopt_with_report
+from .adoption import NonConformingWeightError, adopt_with_report
 from .codec import TritWeight, quantize
 from .model import DEFAULT_SKIP, quantizable_linears, replace_module, tied_weight_keys
 from .nn import TRIT_BUFFERS, TritLinear, validate_modules

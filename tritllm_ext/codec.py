@@ -63,7 +63,8 @@ class TritWeight:
 
     The constructor validates everything (``format.validate``: dtypes, shapes, corrupt bytes,
     scale indices, padding, NaN/inf in the codebook), so a TritWeight always holds a well-formed
-    matrix. Both tensors are made contiguous and must be on the same device.
+    matrix. Both tensors are made contiguous and must be on the same device. (Internal code that
+    copies an already validated TritWeight, e.g. ``to``, uses ``_unchecked`` instead.)
     """
     packed: torch.Tensor
     codebook: torch.Tensor
@@ -201,7 +202,17 @@ def load_trit_weight(path, prefix: str = "weight", device="cpu") -> TritWeight:
 
 
 # ---------------------------------------------------------------------------------------------
-# The quantizer's pieces, shared with adopt.py (which requantizes groups with the same rule).
+# The quantizer's pieces, shared with adoption.py (which requantizes groups with the same rule).
+
+def _sum_last_pairwise(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension (a power of two) by halving it: every addition is fixed, so
+    the float32 result is the same on every device. (A library reduction may add in another
+    order on the GPU, and a near-tie between two candidate scales would then break differently.)"""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x.squeeze(-1)
+
 
 def best_group_scales(groups: torch.Tensor, depth: int,
                       valid_in_last: int = fmt.GROUP_SIZE) -> torch.Tensor:
@@ -225,7 +236,7 @@ def best_group_scales(groups: torch.Tensor, depth: int,
         s = cands[..., c:c + 1]
         safe = torch.where(s > 0, s, torch.ones_like(s))  # all-zero group: any scale, error 0
         q = torch.div(groups, safe).round_().clamp_(-lmax, lmax).mul_(safe)
-        err = torch.sub(groups, q, out=q).square_().sum(-1)
+        err = _sum_last_pairwise(torch.sub(groups, q, out=q).square_())
         if best is None:
             best_err, best = err, torch.zeros_like(err, dtype=torch.int64)
         else:
@@ -244,11 +255,12 @@ def log_codebook(scales: torch.Tensor, entries: int = fmt.MAX_CODEBOOK) -> torch
     lo, hi = pos.min(), pos.max()
     if lo == hi or entries == 1:
         return lo.reshape(1).to(torch.float32)
-    t = torch.linspace(0, 1, entries, dtype=torch.float64, device=scales.device)
-    log_lo, log_hi = lo.double().log(), hi.double().log()
-    cb = torch.exp(log_lo + t * (log_hi - log_lo)).to(torch.float32)
+    # 27 numbers: computed on the CPU, so that exp and log round the same whatever the device.
+    lo, hi = lo.double().cpu(), hi.double().cpu()
+    t = torch.linspace(0, 1, entries, dtype=torch.float64)
+    cb = torch.exp(lo.log() + t * (hi.log() - lo.log())).to(torch.float32)
     cb[0], cb[-1] = lo, hi
-    return cb
+    return cb.to(scales.device)
 
 
 def nearest_codebook_index(scales: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -217,20 +217,20 @@ def validate(packed: torch.Tensor, codebook: torch.Tensor, depth: int, in_featur
     bpg = bytes_per_group(depth)
     grp = packed.reshape(n, -1, bpg)
     bound = torch.tensor(byte_bounds(depth), dtype=torch.int16, device=packed.device)
-    bad = grp.to(torch.int16) >= bound
-    nbad = int(bad.sum())
-    if nbad:
+    # One cheap pass (the largest value of each byte position) decides; the counts for the
+    # message are computed only when something is wrong.
+    if bool((grp.amax(dim=(0, 1)).to(torch.int16) >= bound).any()):
+        bad = grp.to(torch.int16) >= bound
         first = int(bad.reshape(-1).nonzero()[0])
         r, col = divmod(first, packed.shape[1])
-        raise ValueError(f"{name}: {nbad} corrupt packed byte(s) (a byte at or above its bound, "
-                         f"e.g. >= 243); first at row {r}, byte {col} "
+        raise ValueError(f"{name}: {int(bad.sum())} corrupt packed byte(s) (a byte at or above "
+                         f"its bound, e.g. >= 243); first at row {r}, byte {col} "
                          f"(value {int(packed[r, col])})")
-    tail0 = grp[..., 3 * depth].to(torch.int16)
-    idx = tail0 % 27
-    nidx = int((idx >= c).sum())
-    if nidx:
-        raise ValueError(f"{name}: {nidx} group(s) use a scale index >= the codebook size {c} "
-                         f"(largest index {int(idx.max())})")
+    if c < MAX_CODEBOOK:
+        idx = grp[..., 3 * depth] % 27
+        if int(idx.max()) >= c:
+            raise ValueError(f"{name}: {int((idx >= c).sum())} group(s) use a scale index >= the "
+                             f"codebook size {c} (largest index {int(idx.max())})")
     pad = num_groups(in_features) * GROUP_SIZE - in_features
     if pad:
         last, _ = _unpack_rows(grp[:, -1:, :].reshape(n, bpg), depth)

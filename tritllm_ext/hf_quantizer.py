@@ -4,8 +4,8 @@ layers and fills them from a packed checkpoint (docs/CHECKPOINTS.md).
 How loading goes (transformers 5.x):
 1. config.json's quantization_config {"quant_method": "tritllm", ...} selects TritLLMConfig and
    TritLLMHfQuantizer (registered by hf.py on `import tritllm_ext`).
-2. `update_attn_implementation` points transformers at tritllm.safetensors.index.json: the
-   shards are named so that stock transformers, without this quantizer, finds no weights.
+2. A config hook points transformers at tritllm.safetensors.index.json: the shards are named
+   so that stock transformers, without this quantizer, finds no weights.
 3. Before weights load, the model (on the meta device) gets an empty TritLinear for each module
    of quantization_config.modules, shaped and checked against the shard headers.
 4. transformers copies trit_packed / trit_codebook / trit_meta into the buffers, tensor by
@@ -69,8 +69,14 @@ class TritLLMHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("tritllm checkpoints cannot be offloaded to disk; use devices only")
 
+    # transformers looks the weight files up right after the quantizer has seen the model config
+    # through one hook, whose name changed within 5.x: update_tp_plan (e.g. 5.17),
+    # update_attn_implementation (e.g. 5.24). Both point it at the packed index.
+    def update_tp_plan(self, config):
+        config.transformers_weights = PACKED_INDEX_FILE
+        return config
+
     def update_attn_implementation(self, config):
-        # The first hook that sees the model config before the weight files are looked up.
         config.transformers_weights = PACKED_INDEX_FILE
         return config
 

@@ -72,11 +72,11 @@ def unpack(tw, dtype: torch.dtype = torch.float16) -> torch.Tensor:
 
 
 def set_cpu_kernel(name: str) -> str:
-    """Make the CPU ops use the kernel set `name` ("scalar", "avx2" or "auto" for the best this
-    CPU runs); raises RuntimeError if it is not available. Returns the active set's name. The
-    environment variable TRITLLM_CPU_KERNEL sets the initial choice."""
+    """Make the CPU ops use the kernel set `name` ("scalar", "avx2", "avx512" or "auto" for the
+    best this CPU runs); raises RuntimeError if it is not available. Returns the active set's
+    name. The environment variable TRITLLM_CPU_KERNEL sets the initial choice."""
     if not name:
-        raise ValueError("set_cpu_kernel: name must be 'scalar', 'avx2' or 'auto'")
+        raise ValueError("set_cpu_kernel: name must be 'scalar', 'avx2', 'avx512' or 'auto'")
     return torch.ops.tritllm._cpu_kernel(name)
 
 
@@ -88,3 +88,8 @@ def cpu_kernel() -> str:
 def cpu_kernels_available() -> list[str]:
     """The CPU kernel sets this build and CPU can run, best first."""
     return list(torch.ops.tritllm._cpu_kernels_available())
+
+
+def cpu_kernels_compiled() -> list[str]:
+    """The CPU kernel sets this build compiled, best first, whether or not this CPU runs them."""
+    return list(torch.ops.tritllm._cpu_kernels_compiled())

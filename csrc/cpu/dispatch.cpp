@@ -1,5 +1,5 @@
 // CPU implementations of torch.ops.tritllm.unpack / matmul: argument and content checks, choice of
-// the kernel set (scalar or AVX2, by CPU feature detection, TRITLLM_CPU_KERNEL or
+// the kernel set (scalar, avx2 or avx512, by CPU feature detection, TRITLLM_CPU_KERNEL or
 // torch.ops.tritllm._cpu_kernel), threads, and the tensors around the raw kernels of kernels.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,19 +25,40 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Kernel selection
 
-bool cpu_runs_avx2_fma() {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+bool cpu_runs_avx2_fma() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool cpu_runs_avx512_vnni() {
+  return cpu_runs_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
 #else
-  return false;
+bool cpu_runs_avx2_fma() { return false; }
+bool cpu_runs_avx512_vnni() { return false; }
 #endif
+
+// The kernel sets this build has, best first, and whether this CPU can run each.
+struct CompiledKernelSet {
+  const KernelSet* kernels;
+  bool runs_here;
+};
+
+std::vector<CompiledKernelSet> compiled_kernels() {
+  std::vector<CompiledKernelSet> sets;
+  if (avx512_kernels() != nullptr) sets.push_back({avx512_kernels(), cpu_runs_avx512_vnni()});
+  if (avx2_kernels() != nullptr) sets.push_back({avx2_kernels(), cpu_runs_avx2_fma()});
+  sets.push_back({&kScalarKernels, true});
+  return sets;
 }
 
 // The kernel sets this build has and this CPU can run, best first.
 std::vector<const KernelSet*> usable_kernels() {
   std::vector<const KernelSet*> sets;
-  if (avx2_kernels() != nullptr && cpu_runs_avx2_fma()) sets.push_back(avx2_kernels());
-  sets.push_back(&kScalarKernels);
+  for (const CompiledKernelSet& c : compiled_kernels()) {
+    if (c.runs_here) sets.push_back(c.kernels);
+  }
   return sets;
 }
 
@@ -54,7 +75,7 @@ const KernelSet* kernel_named(const std::string& name, const char* origin) {
   for (const KernelSet* k : sets) {
     if (name == k->name) return k;
   }
-  const bool known = name == "scalar" || name == "avx2";
+  const bool known = name == "scalar" || name == "avx2" || name == "avx512";
   TORCH_CHECK(false, "tritllm: ", origin, " asks for the CPU kernel '", name, "', which ",
               known ? "this build or this CPU does not support" : "does not exist",
               "; available here: auto, ", usable_names());
@@ -84,6 +105,12 @@ std::string cpu_kernel_op(const std::string& select) {
 std::vector<std::string> cpu_kernels_available_op() {
   std::vector<std::string> names;
   for (const KernelSet* k : usable_kernels()) names.emplace_back(k->name);
+  return names;
+}
+
+std::vector<std::string> cpu_kernels_compiled_op() {
+  std::vector<std::string> names;
+  for (const CompiledKernelSet& c : compiled_kernels()) names.emplace_back(c.kernels->name);
   return names;
 }
 
@@ -178,10 +205,11 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
       kernels.prepare_rows(a, w, m0, m1);
     });
 
-    // Tiles: rows of W split over the threads (a few blocks each, for balance); rows of x split
-    // too when W has too few rows to keep every thread busy.
+    // Tiles: rows of W split over the threads (a few blocks each, for balance; a multiple of 8
+    // rows, the strips the blocked kernels decode); rows of x split too when W has too few rows
+    // to keep every thread busy.
     const int64_t threads = at::get_num_threads();
-    const int64_t n_block = std::max<int64_t>(8, (n_size + 4 * threads - 1) / (4 * threads));
+    const int64_t n_block = (std::max<int64_t>(8, (n_size + 4 * threads - 1) / (4 * threads)) + 7) / 8 * 8;
     const int64_t n_tiles = (n_size + n_block - 1) / n_block;
     const int64_t m_tiles = n_tiles >= threads ? 1 : std::min(m_size, threads);
     const int64_t m_block = (m_size + m_tiles - 1) / m_tiles;
@@ -205,11 +233,14 @@ at::Tensor matmul_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tritllm, m) {
-  // Which CPU kernel set the CPU ops use: select "scalar", "avx2" or "auto" (the best this CPU
-  // runs), or "" to only ask. Returns the active set's name. Tests use it to force each path.
+  // Which CPU kernel set the CPU ops use: select "scalar", "avx2", "avx512" or "auto" (the best
+  // this CPU runs), or "" to only ask. Returns the active set's name. Tests use it to force each
+  // path.
   m.def("_cpu_kernel(str select=\"\") -> str", &cpu_kernel_op);
   // The kernel sets this build and CPU can run, best first.
   m.def("_cpu_kernels_available() -> str[]", &cpu_kernels_available_op);
+  // The kernel sets this build compiled, whether or not this CPU can run them.
+  m.def("_cpu_kernels_compiled() -> str[]", &cpu_kernels_compiled_op);
 }
 
 TORCH_LIBRARY_IMPL(tritllm, CPU, m) {

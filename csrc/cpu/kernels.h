@@ -82,9 +82,11 @@ struct KernelSet {
 // The portable reference kernels (scalar.cpp): always compiled, always correct, the spec in C++.
 extern const KernelSet kScalarKernels;
 
-// The AVX2+FMA kernels (avx2/*.cpp), or nullptr when this build did not compile them (a non-x86
-// build, or a compiler without -mavx2 -mfma for those files). Whether the running CPU supports
-// them is dispatch.cpp's question.
+// The AVX2+FMA kernels (avx2/*.cpp), and the same with an AVX-512 (F, BW, DQ, VL, VNNI) inner
+// product for the blocked matmul; nullptr when this build did not compile them (a non-x86 build,
+// or a compiler without -mavx2 -mfma for those files). Whether the running CPU supports them is
+// dispatch.cpp's question.
 const KernelSet* avx2_kernels();
+const KernelSet* avx512_kernels();
 
 }  // namespace tritllm::cpu

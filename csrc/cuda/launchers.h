@@ -12,14 +12,10 @@ namespace tritllm {
 namespace cuda {
 
 // Dense W rows: out [rows, in_features] (contiguous, float32/float16/bfloat16) from the `rows`
-// rows of packed (a row slice is fine: it only has to be contiguous).          unpack.cu
-//   unpack_into: exactly the format's definition (float32 product, rounded once);
-//   unpack_scale_rounded_into: faster at depth 1-2, the scale rounded to the output type first
-//   (may differ by one unit in the last place), for products that round anyway.
+// rows of packed (a row slice is fine: it only has to be contiguous), exactly the format's
+// definition (float32 product, rounded once).                                  unpack.cu
 void unpack_into(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
                  int64_t in_features, const at::Tensor& out);
-void unpack_scale_rounded_into(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
-                               int64_t in_features, const at::Tensor& out);
 
 // out [M, N] = x [M, K] @ W.T for M <= kGenericMaxTokens, any depth and dtype, fp32
 // accumulation. Correct everywhere, fast nowhere.                         generic_gemv.cu
@@ -35,8 +31,8 @@ bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t de
 void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                    int64_t depth, const at::Tensor& out);
 
-// out [M, N] = x @ W.T for any M: W is unpacked chunk by chunk into a reused buffer small enough
-// to stay in L2, each chunk followed by a cuBLAS product (at::mm) on the same stream.  gemm.cu
+// out [M, N] = x @ W.T for any M: W unpacked into a transient dense buffer, then one cuBLAS
+// product (at::mm_out) on the same stream.                                        gemm.cu
 void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                       int64_t depth, const at::Tensor& out);
 

@@ -1,5 +1,5 @@
-// The lookup-table decoder of depth-1 and depth-2 groups, shared by the fused product
-// (lut_gemv.cu) and the fast unpack (unpack.cu). docs/KERNEL_NOTES.md explains the design.
+// The lookup-table decoder of depth-1 and depth-2 groups used by the fused product
+// (lut_gemv.cu). docs/KERNEL_NOTES.md explains the design.
 //
 // Decoding one group (d = 2: plane bytes P0b0 P0b1 P0b2 P1b0 P1b1 P1b2, tail T; d = 1 has no
 // P1 bytes):

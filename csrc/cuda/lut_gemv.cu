@@ -36,6 +36,7 @@ constexpr int kRowsPerSlab = 16;     // rows of W one warp multiplies at a time 
 constexpr int kMaxWarps = 16;        // warps per block: the runs of one split
 constexpr int kStages = 3;           // cp.async pipeline depth per warp
 constexpr int kWarpTileFloats = 2 * 16 * 8;  // one warp's C: 2 token tiles x 16 rows x 8 tokens
+constexpr int kTileBuffers = 2;  // partial sums of tile j and j + 1: one barrier per tile
 constexpr int kMaxSlabsPerTile = 4;
 
 constexpr int row_bytes(int depth) { return kRunGroups * bytes_per_group(depth); }
@@ -44,7 +45,7 @@ constexpr int stage_bytes(int depth) { return kRowsPerSlab * row_bytes(depth); }
 size_t shared_bytes(int depth, int warps, int blocks_per_tile) {
   return size_t(lut::kTableBytes) +
          size_t(warps) * kStages * stage_bytes(depth) +
-         size_t(blocks_per_tile) * warps * kWarpTileFloats * sizeof(float);
+         size_t(kTileBuffers) * blocks_per_tile * warps * kWarpTileFloats * sizeof(float);
 }
 
 __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
@@ -231,6 +232,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
 
   uint32_t xa[kGroupsPerLane][8], xb[kGroupsPerLane][8];
   int loaded_run = -1;
+  int tile_parity = 0;
   for (; item.tile < p.tiles; advance(item)) {
     issue(ahead);
     advance(ahead);
@@ -286,8 +288,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
     }
     __syncwarp();  // every lane has read this item's stage before it is refilled
 
-    // This warp's C, laid out [token tile][row 0..15][token 0..7] (conflict-free float2 stores).
-    float* mine_c = tile_sums + (o * p.warps + warp) * kWarpTileFloats;
+    // This warp's C, laid out [token tile][row 0..15][token 0..7] (conflict-free float2 stores),
+    // in the buffer of this tile. Tiles alternate between two buffers: the barrier before a
+    // tile's sum also tells that every thread is done reading the buffer's previous tile.
+    float* buffer = tile_sums + tile_parity * R * p.warps * kWarpTileFloats;
+    float* mine_c = buffer + (o * p.warps + warp) * kWarpTileFloats;
 #pragma unroll
     for (int q = 0; q < (kTwoTokenTiles ? 2 : 1); ++q) {
       *reinterpret_cast<float2*>(mine_c + q * 128 + g * 8 + 2 * t) = make_float2(acc[q][0], acc[q][1]);
@@ -305,13 +310,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
         if (row >= p.rows) continue;
         const int at = (m / 8) * 128 + n * 8 + m % 8;
         float sum = 0.f;
-        for (int w2 = 0; w2 < active; ++w2) sum += tile_sums[(oo * p.warps + w2) * kWarpTileFloats + at];
+        for (int w2 = 0; w2 < active; ++w2) sum += buffer[(oo * p.warps + w2) * kWarpTileFloats + at];
         if (p.splits == 1)
           static_cast<T*>(p.out)[m * p.rows + row] = from_float<T>(sum);
         else
           p.split_sums[(int64_t(split) * p.tokens + m) * p.rows + row] = sum;
       }
-      __syncthreads();
+      tile_parity ^= 1;
     }
   }
   cp_async_wait<0>();

@@ -5,7 +5,7 @@
 //                 most kLutFusedMaxTokens tokens (run in slices of 16): reads the packed bytes
 //                 once per slice, so its time grows with ceil(M / 16);
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
-//   * unpack+gemm everything else: W unpacked chunk by chunk into an L2-sized buffer, cuBLAS.
+//   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

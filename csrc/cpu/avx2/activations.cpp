@@ -5,7 +5,6 @@
 
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -36,15 +35,13 @@ const float* group_with_predecessor(const float* x, int64_t k_size, int64_t g, G
   return copy.v + 1;
 }
 
-// The transformed integers (x') of one group as 16 int16 lanes in order; writes corr and s.
-__m256i quantize_group(const float* values, float levels, int level_offset, int32_t* corr,
-                       float* step) {
+// The transformed integers (x') of one group as 16 int16 lanes in order; writes s.
+__m256i quantize_group(const float* values, float levels, float* step) {
   const __m256 lo = _mm256_loadu_ps(values), hi = _mm256_loadu_ps(values + 8);
   // x * 0 is NaN exactly where x is NaN or infinite
   const __m256 zero = _mm256_setzero_ps();
   const __m256 probe = _mm256_add_ps(_mm256_mul_ps(lo, zero), _mm256_mul_ps(hi, zero));
   if (_mm256_movemask_ps(_mm256_cmp_ps(probe, probe, _CMP_UNORD_Q)) != 0) {
-    *corr = 0;
     *step = std::numeric_limits<float>::quiet_NaN();
     return _mm256_setzero_si256();
   }
@@ -54,13 +51,15 @@ __m256i quantize_group(const float* values, float levels, int level_offset, int3
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   const float largest = _mm_cvtss_f32(m);
-  if (largest == 0.0f) {
-    *corr = 0;
+  const float scale = levels / largest;
+  // all zero, or so tiny (largest < 2^-113) that the scale overflows: the group counts as zero
+  // (an error below 2^-113 per activation)
+  if (!(scale <= std::numeric_limits<float>::max())) {
     *step = 0.0f;
     return _mm256_setzero_si256();
   }
   *step = largest / levels;
-  const __m256 inverse = _mm256_set1_ps(levels / largest);
+  const __m256 inverse = _mm256_set1_ps(scale);
   // round to nearest (the MXCSR default); the same rounding of x_{j-1} gives i_{j-1}
   const __m256i i_lo = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inverse));
   const __m256i i_hi = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inverse));
@@ -71,11 +70,6 @@ __m256i quantize_group(const float* values, float levels, int level_offset, int3
   const __m256i mult_hi = _mm256_setr_epi32(3, 3, 0, 3, 3, 3, 3, 0);
   const __m256i t_lo = _mm256_sub_epi32(i_lo, _mm256_mullo_epi32(prev_lo, mult_lo));
   const __m256i t_hi = _mm256_sub_epi32(i_hi, _mm256_mullo_epi32(prev_hi, mult_hi));
-  __m256i sum = _mm256_add_epi32(i_lo, i_hi);
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  *corr = -level_offset * _mm_cvtsi128_si32(s);
   // packs interleaves 128-bit halves: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> reorder the quarters
   return _mm256_permute4x64_epi64(_mm256_packs_epi32(t_lo, t_hi), 0xD8);
 }
@@ -83,21 +77,15 @@ __m256i quantize_group(const float* values, float levels, int level_offset, int3
 void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
                  const PreparedLayout& layout, uint8_t* row) {
   int16_t* integers = reinterpret_cast<int16_t*>(row);
-  int32_t* corr = reinterpret_cast<int32_t*>(row + layout.corr_offset);
   float* step = reinterpret_cast<float*>(row + layout.step_offset);
   float* table = reinterpret_cast<float*>(row + layout.table_offset);
   const float levels = static_cast<float>(activation_levels(w.depth));
-  const int level_offset = max_level(w.depth);
   __m256i block[8];
   GroupValues copy;
   for (int64_t g = 0; g < layout.padded_groups; ++g) {
     __m256i q = _mm256_setzero_si256();
-    corr[g] = 0;
     step[g] = 0.0f;
-    if (g < layout.groups) {
-      q = quantize_group(group_with_predecessor(x, k_size, g, copy), levels, level_offset,
-                         &corr[g], &step[g]);
-    }
+    if (g < layout.groups) q = quantize_group(group_with_predecessor(x, k_size, g, copy), levels, &step[g]);
     if (!layout.blocked) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(integers + 16 * g), q);
       if (g < layout.groups) {
@@ -123,8 +111,7 @@ PreparedLayout::PreparedLayout(int64_t rows, const PackedWeight& w)
     : blocked(rows >= kBlockedMinRows),
       groups(w.groups()),
       padded_groups((w.groups() + 7) / 8 * 8) {
-  corr_offset = align32(padded_groups * kGroupSize * 2);
-  step_offset = corr_offset + align32(padded_groups * 4);
+  step_offset = align32(padded_groups * kGroupSize * 2);
   table_offset = step_offset + align32(padded_groups * 4);
   row_bytes = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
   row_bytes = (row_bytes + 63) / 64 * 64;

@@ -5,9 +5,8 @@
 // A row x_0..x_15 of a group with s = max|x| / Q (Q = activation_levels(depth)):
 //   integer   i_j = round(x_j / s), |i_j| <= Q, so |x_j - s i_j| <= s / 2 (2^-14 max|x| for Q = 8191)
 //   x'_j      i_j - 3 i_{j-1} for j % 5 != 0 and j < 15, else i_j  (|x'| <= 4 Q, fits int16)
-//   corr      -L * sum_j i_j   (the matmul kernels dot level + L with x', so they subtract L sum i)
 // A group holding a NaN or an infinity gets s = NaN (and integers 0): the rows of y that use it
-// come out NaN.
+// come out NaN. A group whose largest |x| is 0 or below 2^-113 gets s = 0 and integers 0.
 //
 // Only AVX2 translation units include this header (its inline code is compiled with -mavx2).
 #pragma once
@@ -24,9 +23,9 @@ namespace tritllm::cpu::avx2 {
 constexpr int64_t kBlockedMinRows = 2;
 
 // Q: the largest |integer|. 4Q must fit int16 (the x' transform), and the blocked kernel sums
-// 16 products Q_j x'_j (Q_j <= 242 L, decode.h) plus corr in int32 before converting to float,
-// which at depth 4 needs a smaller Q.
-constexpr int activation_levels(int depth) { return depth <= 3 ? 8191 : 3400; }
+// 16 products (Q_j - o_j) x'_j (|Q_j - o_j| <= 121 L, decode.h) in int32 before converting to
+// float, which at depth 4 needs a smaller Q: 16 * 121 * 40 * 4 * 6800 < 2^31.
+constexpr int activation_levels(int depth) { return depth <= 3 ? 8191 : 6800; }
 
 // Where the parts of row m of prepared activations are: row m starts at m * row_bytes, the parts
 // at their offsets from there (all 32-byte aligned).
@@ -34,7 +33,6 @@ struct PreparedLayout {
   bool blocked;          // integers in blocked (transposed) order, no group scale table
   int64_t groups;        // G
   int64_t padded_groups; // G rounded up to a multiple of 8; the extra groups are zeros
-  int64_t corr_offset;   // int32 [padded_groups]
   int64_t step_offset;   // float [padded_groups]: s of each group
   int64_t table_offset;  // float [groups * 27]: codebook[i] * s of group g at 27 g + i (if !blocked)
   int64_t row_bytes;
@@ -45,9 +43,6 @@ struct PreparedLayout {
 
   const int16_t* integers(const void* prepared, int64_t m) const {
     return reinterpret_cast<const int16_t*>(row(prepared, m));
-  }
-  const int32_t* corr(const void* prepared, int64_t m) const {
-    return reinterpret_cast<const int32_t*>(row(prepared, m) + corr_offset);
   }
   const float* step(const void* prepared, int64_t m) const {
     return reinterpret_cast<const float*>(row(prepared, m) + step_offset);

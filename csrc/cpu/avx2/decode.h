@@ -94,10 +94,13 @@ struct LevelDecoder {
 // (because c_i = q_i - 3 q_{i+1} and q_5 = 0), and q_i = mulhi(v, ceil(2^16 / 3^i)) exactly for
 // v < 256 (q_0 = v: the byte sits in the lane's high half and is multiplied by 256). So one
 // shuffle and one multiply per plane give Q_j = sum_p 3^p q(plane p byte of weight j), whose dot
-// product with the transformed activations x'_j (activations.h) is the dot product of the levels
-// + L with the activations. Weight 15 is the exception: its lane gets level + L directly:
-// floor(tail0 / 27) = c_0 + 3 c_1 (plane 0's lane) plus 9 * tail1 = 9 c_2 + 27 c_3 (plane 2's lane),
-// and its activation is not transformed.
+// product with the transformed activations x'_j (activations.h) is the dot product of the
+// levels + L with the activations. Weight 15 is the exception: its lane gets level + L directly:
+// floor(tail0 / 27) = c_0 + 3 c_1 (plane 0's lane) plus 9 * tail1 = 9 c_2 + 27 c_3 (plane 2's
+// lane), and its activation is not transformed.
+// The "+ L" goes away by subtracting a constant o_j from Q_j: with o = L * (121, 40, 13, 4, 1) in
+// the five lanes of a byte (o_i - 3 o_{i+1} = L) and o_15 = L, sum_j o_j x'_j = L sum_j x_j, so
+//     sum_j (Q_j - o_j) x'_j = sum_j level_j x_j      exactly, with |Q_j - o_j| <= 121 L.
 
 inline PlaneRoute quotient_route(int depth, int p) {
   alignas(32) uint8_t shuffle[32];
@@ -129,11 +132,22 @@ inline PlaneRoute quotient_route(int depth, int p) {
           _mm256_load_si256(reinterpret_cast<const __m256i*>(magic))};
 }
 
-// Q_j (see above) of the 16 weights of a group, in [0, 242 * L].
+// o_j (see above) of the 16 lanes of a group at depth `depth`.
+inline __m256i quotient_offsets(int depth) {
+  alignas(32) int16_t offsets[16];
+  const int weights[5] = {121, 40, 13, 4, 1};
+  for (int j = 0; j < kGroupSize; ++j) {
+    offsets[j] = static_cast<int16_t>(max_level(depth) * (j < 15 ? weights[j % 5] : 1));
+  }
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(offsets));
+}
+
+// Q_j - o_j (see above) of the 16 weights of a group, in [-121 L, 121 L].
 template <int D>
 struct QuotientDecoder {
   PlaneRoute planes[D];
-  QuotientDecoder() {
+  __m256i offsets;
+  QuotientDecoder() : offsets(quotient_offsets(D)) {
     for (int p = 0; p < D; ++p) planes[p] = quotient_route(D, p);
   }
   __m256i operator()(__m256i group) const {
@@ -145,7 +159,7 @@ struct QuotientDecoder {
                                                planes[p].magic);
       q = _mm256_add_epi16(_mm256_mullo_epi16(q, three), plane);
     }
-    return q;
+    return _mm256_sub_epi16(q, offsets);
   }
 };
 

@@ -21,10 +21,12 @@ How (all vectorized, in chunks of groups):
 2. The scales that fit a group, as float32 intervals ("alternatives"). For each top level
    m = 1..L: s0 = max|w| / m, level magnitudes round(|w| / s0) (at least 1 for a non-zero
    weight), and the scales that fit those levels: [ceil_f32(max A/l), floor_f32(min B/l)], if
-   not empty. This finds every fitting scale unless rounding errors reach a quarter of the scale
-   (subnormal outputs of tiny scales); a group with a subnormal weight and no fit is searched
-   exhaustively (each interval of fitting scales starts at some ceil_f32(A_j / l)). Usually one
-   interval fits; when the levels share a factor, several do. A group of +0.0 fits any scale.
+   not empty. (A float32 prefilter first drops the m that some weight rules out by more than
+   rounding can explain, so the exact test runs about once per group.) This finds every fitting
+   scale unless rounding errors reach a quarter of the scale (subnormal outputs of tiny scales);
+   a group with a subnormal weight and no fit is searched exhaustively (each interval of fitting
+   scales starts at some ceil_f32(A_j / l)). Usually one interval fits; when the levels share a
+   factor, several do. A group of +0.0 fits any scale.
 3. The codebook: an interval point cover, on float32 intervals, so every point is exact.
    a) Groups with one alternative: greedy cover (p = the smallest right end among uncovered
       groups; every uncovered interval starting at or before p contains p; their common part
@@ -106,9 +108,9 @@ class AdoptReport:
 
 
 def adopt(w: torch.Tensor, depth: int = 2, group_size: int = fmt.GROUP_SIZE,
-          strict: bool = True) -> codec.TritWeight:
+          strict: bool = True, name: str = "w") -> codec.TritWeight:
     """`adopt_with_report` without the report."""
-    return adopt_with_report(w, depth, group_size, strict)[0]
+    return adopt_with_report(w, depth, group_size, strict, name)[0]
 
 
 def adopt_with_report(w: torch.Tensor, depth: int = 2, group_size: int = fmt.GROUP_SIZE,
@@ -277,27 +279,34 @@ class _Items:
     hi: torch.Tensor     # float32
 
 
-def _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff):
+def _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff, half_spacing):
     """For each top level m = 1..L: level magnitudes round(|w| / (max|w| / m)), at least 1 for a
     constraining weight, and the float32 interval they allow. Returns (row, lo, hi) of the m
-    that fit. This finds every fitting scale whenever each weight's relative rounding error is at
-    most `unit_roundoff` (all weights normal numbers of their dtype), and usually beyond.
+    that fit, and which groups passed the prefilter. This finds every fitting scale when each
+    weight's rounding error is at most `unit_roundoff` relative (all weights normal numbers of
+    their dtype), and usually beyond.
 
     A float32 prefilter first drops the m for which some weight lies farther from its level
-    than rounding can explain: with true levels l at top level m, m |w| / max|w| - l is at most
-    l * 2u / (1 - u), u the unit roundoff of the two roundings. It looks at the first
-    _PREFILTER_WEIGHTS weights of every (group, m) pair, then at all 16 of the few pairs left;
-    only the survivors (about one per group) get the exact float64 test."""
+    than rounding can explain. If the true levels are l with top level m, each |w| is within
+    u * s * l + h of s * l (u the unit roundoff of the two roundings, h half the subnormal
+    spacing), so m |w| / max|w| is within about 2u l + 2h m / max|w| of l. The prefilter
+    looks at the first _PREFILTER_WEIGHTS weights of every (group, m) pair, then at all 16 of
+    the few pairs left; only the survivors (about one per group) get the exact float64 test. A
+    group that no m survives fits no scale at all."""
     group_max = mag32.amax(-1, keepdim=True)  # [g, 1]
-    ratio = torch.where(group_max > 0, mag32 / group_max, torch.zeros_like(mag32))
+    positive = group_max > 0
+    ratio = torch.where(positive, mag32 / group_max, torch.zeros_like(mag32))
+    spacing = torch.where(positive, 2.5 * half_spacing / group_max, torch.zeros_like(group_max))
     m = torch.arange(1, lmax + 1, dtype=torch.float32, device=mag32.device)
     alive = _near_levels(ratio[:, :_PREFILTER_WEIGHTS].unsqueeze(1), m.view(1, -1, 1),
-                         unit_roundoff)  # [g, L]
-    alive[group_max.squeeze(-1) == 0, 1:] = False  # zeros only: the same levels for every m
+                         spacing.unsqueeze(1), unit_roundoff)  # [g, L]
+    alive[~positive.squeeze(-1), 1:] = False  # zeros only: the same levels for every m
     rows, cols = alive.nonzero(as_tuple=True)
     m = m[cols].unsqueeze(-1)
-    keep = _near_levels(ratio[rows], m, unit_roundoff).nonzero().squeeze(-1)
+    keep = _near_levels(ratio[rows], m, spacing[rows], unit_roundoff).nonzero().squeeze(-1)
     rows, m = rows[keep], m[keep].to(torch.float64)
+    survived = torch.zeros(mag32.shape[0], dtype=torch.bool, device=mag32.device)
+    survived[rows] = True
     # The exact test, in float64 (s0 must not round, as it would in float32 subnormals).
     mag = mag32[rows].to(torch.float64)
     top = group_max[rows].to(torch.float64)
@@ -305,15 +314,16 @@ def _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff):
     levels = torch.div(mag, s0).round_().clamp_(min=1)  # at most m, since |w| <= max|w|
     lo, hi = _interval_of(a[rows], b[rows], constrained[rows], levels, dim=-1)
     fits = lo <= hi
-    return rows[fits], lo[fits], hi[fits]
+    return rows[fits], lo[fits], hi[fits], survived
 
 
-def _near_levels(ratio, m, unit_roundoff):
-    """Whether every m * ratio (ratio = |w| / max|w|, float32) lies within rounding error of
-    an integer level >= 1 (zeros are left to the exact test); reduced over the last dim."""
+def _near_levels(ratio, m, spacing, unit_roundoff):
+    """Whether every x = m * ratio (ratio = |w| / max|w|, float32) lies within rounding error
+    of an integer level >= 1 (zeros are left to the exact test); reduced over the last dim.
+    `spacing` is 2.5 h / max|w|, the share of subnormal rounding."""
     x = ratio * m
     miss = (x - x.round().clamp_(min=1)).abs_()
-    tolerance = (x + 1).mul_(2.5 * unit_roundoff).add_(2.0 ** -12)  # float32 slack included
+    tolerance = (x + 1).mul_(2.5 * unit_roundoff).add_(spacing * m).add_(2.0 ** -12)
     return ((miss <= tolerance) | (ratio == 0)).all(-1)
 
 
@@ -340,8 +350,10 @@ def _scale_alternatives(groups, depth):
     group is all +0.0 and fits any scale)."""
     lmax = fmt.max_level(depth)
     finfo = torch.finfo(groups.dtype)
-    # Relative error of round_dtype(round_f32(x)) for a normal result (both roundings).
+    # Relative error of round_dtype(round_f32(x)) for a normal result (both roundings), and
+    # the absolute error of a subnormal one.
     unit_roundoff = finfo.eps / 2 + 2.0 ** -24 + finfo.eps * 2.0 ** -25
+    half_spacing = finfo.tiny * finfo.eps / 2 + 2.0 ** -150
     out_group, out_lo, out_hi, plus_zero = [], [], [], []
     step = max(1, _CHUNK_ELEMENTS // (_PREFILTER_WEIGHTS * lmax))  # [step, L, 4] prefilter
     for start in range(0, groups.shape[0], step):
@@ -349,7 +361,8 @@ def _scale_alternatives(groups, depth):
         mag32 = chunk.abs().to(torch.float32)
         a, b, constrained = _weight_bounds(chunk)
         unconstrained = ~constrained.any(-1)
-        rows, lo, hi = _fast_alternatives(mag32, a, b, constrained, lmax, unit_roundoff)
+        rows, lo, hi, survived = _fast_alternatives(mag32, a, b, constrained, lmax,
+                                                    unit_roundoff, half_spacing)
         keep = ~unconstrained[rows]
         out_group.append(rows[keep] + start)
         out_lo.append(lo[keep])
@@ -357,14 +370,15 @@ def _scale_alternatives(groups, depth):
         plus_zero.append(unconstrained)
         found = torch.zeros_like(unconstrained)
         found[rows] = True
-        # Subnormal weights carry large relative errors: where the fast search found nothing,
-        # search exhaustively.
+        # Subnormal weights carry large relative errors: where the exact test after the
+        # prefilter found nothing, search exhaustively.
         subnormal = ((mag32 > 0) & (mag32 < finfo.tiny)).any(-1)
-        for hard in (subnormal & ~found).nonzero().squeeze(-1).split(_CHUNK_HARD_GROUPS):
-            r, l, h = _exhaustive_alternatives(a[hard], b[hard], constrained[hard], lmax)
-            out_group.append(hard[r] + start)
-            out_lo.append(l)
-            out_hi.append(h)
+        hard_groups = (subnormal & survived & ~found).nonzero().squeeze(-1)
+        for part in hard_groups.split(_CHUNK_HARD_GROUPS):
+            r, lo, hi = _exhaustive_alternatives(a[part], b[part], constrained[part], lmax)
+            out_group.append(part[r] + start)
+            out_lo.append(lo)
+            out_hi.append(hi)
     items = _Items(torch.cat(out_group), torch.cat(out_lo), torch.cat(out_hi))
     return items, torch.cat(plus_zero)
 
