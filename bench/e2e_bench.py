@@ -23,10 +23,10 @@ Measured per variant:
       often their top-1 tokens agree.
 --quantize-lm-head adds a variant with lm_head quantized too, reported separately.
 
-On the CPU the decoder layers repeat the values of the first one (--distinct-layers 1): each
-layer still has its own memory, so the bytes streamed per token are those of the full model,
-but the codec runs on one layer's matrices instead of a billion weights (it quantizes about a
-million weights per second on this 2-core machine).
+--distinct-layers N gives only the first N decoder layers their own random values; the others
+repeat them (each layer keeps its own memory, so a decode step still streams the bytes of the
+full model) and are quantized by copying packed bytes. It shortens the quantization, which on a
+busy 2-core machine can take many minutes for a billion weights.
 
 It prints a Markdown table and writes e2e_<device>.json and e2e_<device>.png to --out.
 """
@@ -81,7 +81,7 @@ DEFAULTS = {
                  compile=True, distinct_layers=0),
     "cpu": dict(model="llama-3.2-1b", baselines=["float32", "bfloat16"],
                 trit_dtypes=["float32", "bfloat16"], batch=[1], prompt_len=128, new_tokens=32,
-                prefill_len=0, runs=3, compile=False, distinct_layers=1),
+                prefill_len=0, runs=3, compile=False, distinct_layers=0),
 }
 QUICK = {"cuda": dict(new_tokens=16, prefill_len=256, runs=2),
          "cpu": dict(prompt_len=16, new_tokens=8, prefill_len=0, runs=1)}
@@ -98,8 +98,7 @@ TARGETS = {"cuda": {"decode_b1_tokens_per_s": 400, "decode_speedup": 2.5,
 def repeat_layers(model, distinct: int) -> None:
     """Copy the weights of decoder layers 0..distinct-1 over the others, cyclically. Every layer
     keeps its own memory, so a decode step streams exactly the bytes of the full model; only
-    the values repeat. It makes quantization `distinct`/num_layers as long, which matters on
-    the CPU: the codec quantizes about a million weights per second on one core there."""
+    the values repeat, and quantization takes `distinct`/num_layers as long."""
     layers = model.model.layers
     with torch.no_grad():
         for i in range(distinct, len(layers)):
@@ -496,8 +495,7 @@ def parse_args(argv=None):
                    "llama-3.1-8b on CUDA, llama-3.2-1b on CPU)")
     p.add_argument("--layers", type=int, default=0, help="keep only this many decoder layers")
     p.add_argument("--distinct-layers", type=int, help="decoder layers with their own random "
-                   "values; the others repeat them and are quantized by copy (default: all on "
-                   "CUDA, 1 on CPU, where the codec is slow)")
+                   "values; the others repeat them and are quantized by copy (default: all)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on CUDA, "
                    "1 on CPU)")
     p.add_argument("--prompt-len", type=int)
