@@ -148,6 +148,21 @@ class BuildExtension(cpp_extension.BuildExtension):
                     f.write(config)
 
 
+def _shared_libstdcxx():
+    """Link flags that make the extension use the process's shared libstdc++.
+
+    Some toolchains link libstdc++ statically by default (a g++ wrapper passing
+    -static-libstdc++). The extension then carries its own copy of the C++ library, and where
+    Python's link flags add -Bsymbolic-functions (Debian and Ubuntu builds of Python do) its calls
+    bind to that copy, whose stream and locale state the process never initialized: formatting
+    the first error message (std::ostringstream << a number) crashed with a segmentation fault.
+    Naming the shared library before the driver's own libraries makes the linker resolve the C++
+    library from it, as torch does."""
+    if platform.system() != "Linux":
+        return []
+    return ["-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
+
+
 def _extension():
     cuda_sources = _sources("csrc/cuda/*.cu")
     with_cuda = _want_cuda(cuda_sources)
@@ -158,6 +173,7 @@ def _extension():
     # -fopenmp they would be ignored and every kernel would run on one thread.
     openmp = ["-fopenmp"] if platform.system() == "Linux" else []
     cxx = ["-O3"] + openmp
+    link = openmp + _shared_libstdcxx()
     build_config = {
         "torch": torch.__version__,
         "cuda": with_cuda,
@@ -171,11 +187,11 @@ def _extension():
         ext = cpp_extension.CUDAExtension(
             "tritllm_ext._C", sources + cuda_sources, include_dirs=_cuda_library_include_dirs(),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=openmp)
+            extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension("tritllm_ext._C", sources,
                                          extra_compile_args={"cxx": cxx},
-                                         extra_link_args=openmp)
+                                         extra_link_args=link)
     ext.build_config = build_config
     return ext
 

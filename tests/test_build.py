@@ -6,6 +6,8 @@ import importlib.abc
 import pathlib
 import platform
 import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -113,3 +115,23 @@ def test_ci_runs_the_readme_test_command():
                       re.MULTILINE)
     assert match, ".ci/run defines no README_TEST_COMMAND"
     assert match.group(1) in (root / "README.md").read_text()
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="ELF shared libraries only")
+def test_extension_uses_the_shared_cpp_library():
+    """A statically linked copy of libstdc++ inside _C crashed formatting error messages on a
+    machine whose g++ links it statically (setup.py, _shared_libstdcxx)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    library = pathlib.Path(tritllm_ext._C.__file__)
+    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    assert re.search(r"NEEDED.*\[libstdc\+\+\.so", dynamic), dynamic
+
+
+def test_error_messages_format_numbers():
+    """The symptom of that crash where it does not crash: numbers missing from messages."""
+    with pytest.raises(RuntimeError, match="depth must be 1, 2, 3 or 4, got 5$"):
+        torch.ops.tritllm.unpack(torch.zeros(3, 7, dtype=torch.uint8), torch.ones(3), 5, 16,
+                                 torch.float32)

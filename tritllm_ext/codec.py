@@ -214,6 +214,14 @@ def _sum_last_pairwise(x: torch.Tensor) -> torch.Tensor:
     return x.squeeze(-1)
 
 
+def _divide_exactly(x: torch.Tensor, d: int) -> torch.Tensor:
+    """float32 x / d correctly rounded on every device. (CUDA divides a tensor by a Python number
+    as a multiplication by its reciprocal, which can differ from the CPU's division in the last
+    bit. In float64 that error is far below float32's rounding, and x / d for an integer d is
+    never a float32 tie, so rounding the float64 quotient gives the exact float32 quotient.)"""
+    return (x.double() / d).float()
+
+
 def best_group_scales(groups: torch.Tensor, depth: int,
                       valid_in_last: int = fmt.GROUP_SIZE) -> torch.Tensor:
     """float32 groups [R, G, 16] -> the MSE-best candidate scale of every group, float32 [R, G].
@@ -229,8 +237,8 @@ def best_group_scales(groups: torch.Tensor, depth: int,
         real = mag[:, -1, :valid_in_last]
         mag[:, -1, valid_in_last:] = real.min(-1, keepdim=True).values
     top = mag.topk(_TOPK, dim=-1).values  # descending
-    cands = top[..., list(_CANDIDATE_FROM_TOP)] / lmax  # [R, G, 4], ascending positions
-    cands = torch.where(cands > 0, cands, top[..., :1] / lmax)
+    cands = _divide_exactly(top[..., list(_CANDIDATE_FROM_TOP)], lmax)  # [R, G, 4], ascending
+    cands = torch.where(cands > 0, cands, _divide_exactly(top[..., :1], lmax))
     best_err = best = None
     for c in range(len(_CANDIDATE_POSITIONS)):
         s = cands[..., c:c + 1]
