@@ -54,7 +54,7 @@ if has racecheck; then
   start=$SECONDS
   env $SAN_ENV timeout 500 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py \
-    -k "exact_data and (lut or generic)" > "$OUT/racecheck.log" 2>&1
+    -k "exact_data and (lut or generic or xtable)" > "$OUT/racecheck.log" 2>&1
   note "racecheck: rc=$? in $((SECONDS - start)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -1); $(grep -E 'passed|failed' "$OUT/racecheck.log" | tail -1)"
 fi
 
@@ -65,10 +65,10 @@ if has profile; then
       --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       --section InstructionStats \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active" \
-      -k regex:"lut_gemv|unpack" -c 1 \
+      -k regex:"xtable_gemv|lut_gemv|unpack" -c 1 \
       python3 bench/gpu_bench.py --profile "$n" "$k" "$m" > "$OUT/ncu_${n}x${k}_m${m}.txt" 2>&1
     note "profile ${n}x${k} M=$m: rc=$?"
-    grep -E "lut_gemv_kernel|unpack_kernel|SM Frequency|Duration|DRAM Throughput|Registers Per|No Eligible|Warp Cycles Per Issued|Executed Instructions  |stalled|bank_conflicts|wavefronts|op_shared_ld|pipe_" \
+    grep -E "xtable_gemv_kernel|lut_gemv_kernel|unpack_kernel|SM Frequency|Duration|DRAM Throughput|Registers Per|No Eligible|Warp Cycles Per Issued|Executed Instructions  |stalled|bank_conflicts|wavefronts|op_shared_ld|pipe_" \
       "$OUT/ncu_${n}x${k}_m${m}.txt" | grep -vE " 0$|0\.0[0-9]$" | head -45
   done
 fi

@@ -1,8 +1,9 @@
 """CUDA implementations of torch.ops.tritllm.unpack / matmul (csrc/cuda).
 
-matmul takes one of three paths (csrc/cuda/register.cu); every test names the path it means to
+matmul takes one of four paths (csrc/cuda/register.cu); every test names the path it means to
 cover, and the shapes are chosen so that each path meets odd M and N, K not a multiple of 16,
 several K-splits and partial row blocks:
+  * "xtable"   depth 1-2, M = 1, whole 512-weight windows (x-tables, any dtype);
   * "lut"      depth 1-2, float16/bfloat16 x, whole 256-weight runs, M <= 48;
   * "generic"  any other call with M <= 16;
   * "gemm"     the rest: W unpacked, then cuBLAS.
@@ -33,6 +34,12 @@ RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 
 
 # (path, depth, dtype, M, N, K)
 PATH_CASES = [
+    ("xtable", 2, torch.float16, 1, 37, 512),
+    ("xtable", 2, torch.bfloat16, 1, 300, 4608),   # 9 windows, blocks spanning two windows
+    ("xtable", 2, torch.float32, 1, 65, 4090),     # K % 16 != 0 but whole windows of groups
+    ("xtable", 1, torch.float16, 1, 33, 1024),
+    ("xtable", 1, torch.bfloat16, 1, 7, 512),      # fewer rows than a batch
+    ("xtable", 2, torch.float16, 1, 32003, 512),   # many batches per block, a partial last batch
     ("lut", 2, torch.float16, 1, 37, 256),
     ("lut", 2, torch.bfloat16, 3, 300, 4352),     # 17 runs: two K-splits of 9 and 8 warps
     ("lut", 2, torch.float16, 5, 23, 4090),       # K % 16 != 0 but whole runs of groups
@@ -132,6 +139,14 @@ def test_table_address_divisions():
             assert a - 6912 * n15 == (v % 27) * 256 + lane * 8  # always inside the 27-entry table
 
 
+def test_xtable_tail_division():
+    """xtable_gemv.cu takes weight 15's c_0 + 3 c_1 = T / 27 from the tail byte T by one
+    multiply-high."""
+    div27 = -(-(1 << 32) // 27)
+    assert div27 == 159072863  # the constant in xtable_gemv.cu
+    assert all((t * div27) >> 32 == t // 27 for t in range(256))
+
+
 # ------------------------------------------------------------------------------------------------
 # unpack
 
@@ -200,6 +215,7 @@ def test_matmul_nonfinite_x_poisons_only_its_row():
 
 @cuda_only
 @pytest.mark.parametrize("depth,dtype,m,k", [(2, torch.float16, 1, 256), (1, torch.bfloat16, 20, 512),
+                                             (2, torch.bfloat16, 1, 1024), (1, torch.float16, 1, 512),
                                              (3, torch.float32, 2, 100), (4, torch.float16, 64, 40)])
 def test_corrupt_bytes_stay_in_bounds(depth, dtype, m, k):
     """The CUDA ops do not read contents to check them (docs/FORMAT.md, Validation): bytes >= 243
@@ -238,6 +254,7 @@ def test_arguments_on_different_devices_raise():
 
 @cuda_only
 @pytest.mark.parametrize("path,depth,dtype,m,n,k", [
+    ("xtable", 2, torch.float16, 1, 300, 4608),
     ("lut", 2, torch.float16, 1, 300, 4352), ("generic", 3, torch.bfloat16, 4, 33, 100),
     ("gemm", 2, torch.float16, 64, 65, 512)])
 def test_cuda_graph_replay_equals_eager(path, depth, dtype, m, n, k):

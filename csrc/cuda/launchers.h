@@ -31,6 +31,13 @@ bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t de
 void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                    int64_t depth, const at::Tensor& out);
 
+// The single-token decode kernel: tables of activation sums in shared memory looked up by the
+// packed bytes, for depth 1 and 2, any activation type, M = 1 and whole 512-weight windows.
+// xtable_gemv_supports says whether it can run the call.                       xtable_gemv.cu
+bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
+void xtable_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                      int64_t depth, const at::Tensor& out);
+
 // out [M, N] = x @ W.T for any M: W unpacked into a transient dense buffer, then one cuBLAS
 // product (at::mm_out) on the same stream.                                        gemm.cu
 void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,

@@ -25,6 +25,7 @@
 
 #include "launchers.h"
 #include "lut_decode.cuh"
+#include "split_sums.cuh"
 
 namespace tritllm {
 namespace cuda {
@@ -320,16 +321,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
     }
   }
   cp_async_wait<0>();
-}
-
-template <typename T>
-__global__ void sum_splits_kernel(const float* __restrict__ split_sums, T* __restrict__ out,
-                                  int splits, int64_t count) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= count) return;
-  float sum = 0.f;
-  for (int s = 0; s < splits; ++s) sum += split_sums[s * count + i];
-  out[i] = from_float<T>(sum);
 }
 
 template <int DEPTH, typename T, bool kTwoTokenTiles>

@@ -1,6 +1,8 @@
 // CUDA implementations of the tritllm ops (schemas: csrc/ops.cpp) and the choice of kernel.
 //
-// matmul picks one of three paths (docs/PERF.md, "GPU", has the measurements behind it):
+// matmul picks one of four paths (docs/PERF.md, "GPU", has the measurements behind it):
+//   * xtable_gemv depth 1-2, one token, whole 512-weight windows (G % 32 == 0): lookup tables
+//                 of activation sums, the fastest per weight (docs/KERNEL_NOTES.md);
 //   * lut_gemv    depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), and at
 //                 most kLutFusedMaxTokens tokens (run in slices of 16): reads the packed bytes
 //                 once per slice, so its time grows with ceil(M / 16);
@@ -55,7 +57,9 @@ at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor out = at::empty({tokens, rows}, x.options());
   if (tokens == 0 || rows == 0) return out.view(out_shape);
 
-  if (tokens <= kLutFusedMaxTokens && lut_gemv_supports(x2, packed, depth)) {
+  if (tokens == 1 && xtable_gemv_supports(x2, packed, depth)) {
+    xtable_gemv_into(x2, packed, codebook, depth, out);
+  } else if (tokens <= kLutFusedMaxTokens && lut_gemv_supports(x2, packed, depth)) {
     by_token_slices(x2, out, kLutMaxTokens, [&](const at::Tensor& xs, const at::Tensor& os) {
       lut_gemv_into(xs, packed, codebook, depth, os);
     });
