@@ -261,6 +261,7 @@ def plot(result, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"M in {QUICK_TOKENS} only")
+    parser.add_argument("--tokens", type=int, nargs="+", help="these values of M only")
     parser.add_argument("--json", default=os.path.join(HERE, "gpu_bench.json"))
     parser.add_argument("--plot", default=os.path.join(HERE, "gpu_bench.png"))
     parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a saved run")
@@ -276,7 +277,7 @@ def main():
         return
     if not torch.cuda.is_available():
         sys.exit("gpu_bench.py needs a CUDA device")
-    result = run(QUICK_TOKENS if args.quick else TOKENS)
+    result = run(args.tokens or (QUICK_TOKENS if args.quick else TOKENS))
     print(HEADER)
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:

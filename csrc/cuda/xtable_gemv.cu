@@ -157,15 +157,20 @@ struct GroupBytes {
   uint2 lo, hi;
 };
 
-template <int DEPTH>
-__device__ __forceinline__ GroupBytes load_group(const uint8_t* window_row, int lane) {
-  constexpr int B = bytes_per_group(DEPTH);
-  GroupBytes g{make_uint2(0u, 0u), make_uint2(0u, 0u)};
-  const int first = B * lane;
-  const uint2* at = reinterpret_cast<const uint2*>(window_row + (first & ~7));
-  g.lo = __ldg(at);
-  if (DEPTH == 2 && (first & 7) >= 2) g.hi = __ldg(at + 1);
-  return g;
+// The lane's bytes of the rows of one batch: rows [8 batch, 8 batch + 8), of which the first
+// `valid` exist (kFull: all 8, no checks). `at` points at the lane's 8-byte word in the batch's
+// first row; `two_words` says whether its group runs into the next word (d = 2, 7 l mod 8 >= 2).
+template <int DEPTH, bool kFull>
+__device__ __forceinline__ void load_batch(const uint8_t* at, int row_bytes, int valid,
+                                           bool two_words, GroupBytes (&g)[kBatchRows]) {
+#pragma unroll
+  for (int r = 0; r < kBatchRows; ++r) {
+    const uint2* word = reinterpret_cast<const uint2*>(at);
+    const bool here = kFull || r < valid;
+    g[r].lo = here ? __ldg(word) : make_uint2(0u, 0u);
+    g[r].hi = DEPTH == 2 && two_words && here ? __ldg(word + 1) : make_uint2(0u, 0u);
+    at += row_bytes;
+  }
 }
 
 // scale * (sum over the group of level_j x_j) for this lane's group of one row.
@@ -222,26 +227,16 @@ __device__ __forceinline__ float sum_rows_over_lanes(float (&v)[kBatchRows], int
   return s;
 }
 
-template <int DEPTH>
-__device__ __forceinline__ void load_batch(const XTableParams& p, int window, int64_t batch,
-                                           int lane, GroupBytes (&g)[kBatchRows]) {
-  const uint8_t* window_bytes =
-      p.packed + int64_t(window) * kWindowGroups * bytes_per_group(DEPTH);
-#pragma unroll
-  for (int r = 0; r < kBatchRows; ++r) {
-    const int64_t row = batch * kBatchRows + r;
-    g[r] = row < p.rows ? load_group<DEPTH>(window_bytes + row * p.row_bytes, lane) : GroupBytes{};
-  }
-}
-
 template <int DEPTH, typename T>
 __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTableParams p) {
   extern __shared__ __align__(16) unsigned char shared[];
-  __shared__ long long next_batch;
+  __shared__ int next_batch;  // of the block's current window
   const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
   const uint32_t region_a = (start + kRegionBytes - 1) & ~(kRegionBytes - 1);
   const int lane = threadIdx.x % 32;
   const LaneTables tables(region_a, lane);
+  constexpr int kGroupBytes = bytes_per_group(DEPTH);
+  const bool two_words = DEPTH == 2 && ((kGroupBytes * lane) & 7) >= 2;
 
   // This block's items (window * batches + batch): a contiguous share of all of them.
   const int64_t first = p.items * blockIdx.x / gridDim.x;
@@ -250,35 +245,55 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
 
   for (int64_t item = first; item < last;) {
     const int window = int(item / p.batches);
-    const int64_t end = min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches;
+    const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
     __syncthreads();  // the last window's batches are done with the tables
     build_x_tables<T>(p, window, region_a);
-    if (threadIdx.x == 0) next_batch = item - int64_t(window) * p.batches;
+    if (threadIdx.x == 0) next_batch = int(item - int64_t(window) * p.batches);
     __syncthreads();
     const float x15 = x_at<T>(p, (int64_t(window) * kWindowGroups + lane) * kGroupSize + 15);
 
-    // Take batches until the window's share is done, loading the next one while computing.
+    const uint8_t* window_bytes = p.packed + int64_t(window) * kWindowGroups * kGroupBytes +
+                                  ((kGroupBytes * lane) & ~7);
+    float* window_out = p.partial + int64_t(window) * p.rows;
+
+    // Batches until the window's share is done, taken from the shared counter one ahead, so the
+    // loads of the next batch are in flight while this one is computed. Two buffers used in turn
+    // (a loop unrolled twice) keep the registers in place.
     auto take = [&]() {
-      long long b = 0;
-      if (lane == 0) b = atomicAdd(reinterpret_cast<unsigned long long*>(&next_batch), 1ull);
-      return int64_t(__shfl_sync(0xffffffffu, b, 0));
+      int b = 0;
+      if (lane == 0) b = atomicAdd(&next_batch, 1);
+      return __shfl_sync(0xffffffffu, b, 0);
     };
-    int64_t batch = take();
-    GroupBytes current[kBatchRows];
-    if (batch < end) load_batch<DEPTH>(p, window, batch, lane, current);
-    while (batch < end) {
-      const int64_t following = take();
-      GroupBytes next[kBatchRows];
-      if (following < end) load_batch<DEPTH>(p, window, following, lane, next);
+    auto load = [&](int batch, GroupBytes (&g)[kBatchRows]) {
+      if (batch >= end) return;
+      const int64_t row = int64_t(batch) * kBatchRows;
+      const uint8_t* at = window_bytes + row * p.row_bytes;
+      if (row + kBatchRows <= p.rows)
+        load_batch<DEPTH, true>(at, int(p.row_bytes), kBatchRows, two_words, g);
+      else
+        load_batch<DEPTH, false>(at, int(p.row_bytes), int(p.rows - row), two_words, g);
+    };
+    auto compute = [&](int batch, const GroupBytes (&g)[kBatchRows]) {
       float v[kBatchRows];
 #pragma unroll
-      for (int r = 0; r < kBatchRows; ++r) v[r] = group_value<DEPTH>(current[r], lane, tables, x15);
+      for (int r = 0; r < kBatchRows; ++r) v[r] = group_value<DEPTH>(g[r], lane, tables, x15);
       const float sum = sum_rows_over_lanes(v, lane);
-      const int64_t row = batch * kBatchRows + ((lane >> 2) & 7);
-      if ((lane & 3) == 0 && row < p.rows) p.partial[int64_t(window) * p.rows + row] = sum;
+      const int64_t row = int64_t(batch) * kBatchRows + ((lane >> 2) & 7);
+      if ((lane & 3) == 0 && row < p.rows) window_out[row] = sum;
+    };
+    GroupBytes a[kBatchRows], b[kBatchRows];
+    int batch = take();
+    load(batch, a);
+    while (batch < end) {
+      int following = take();
+      load(following, b);
+      compute(batch, a);
       batch = following;
-#pragma unroll
-      for (int r = 0; r < kBatchRows; ++r) current[r] = next[r];
+      if (batch >= end) break;
+      following = take();
+      load(following, a);
+      compute(batch, b);
+      batch = following;
     }
     item = int64_t(window) * p.batches + end;
   }
@@ -321,7 +336,9 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole windows, and rows on 8-byte boundaries for the 8-byte loads (every row is, when the
   // first is: a row of whole windows is a multiple of 32 * B bytes).
-  return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 8 == 0;
+  // Batch numbers and row strides in int.
+  return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 8 == 0 &&
+         packed.size(0) < (int64_t(1) << 31) && packed.size(1) < (int64_t(1) << 31);
 }
 
 void xtable_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
