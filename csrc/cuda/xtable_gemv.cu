@@ -256,9 +256,9 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
                                   ((kGroupBytes * lane) & ~7);
     float* window_out = p.partial + int64_t(window) * p.rows;
 
-    // Batches until the window's share is done, taken from the shared counter ahead of use, so
-    // the loads of the next batch are in flight while this one is computed. Two buffers used in
-    // turn (a loop unrolled twice) keep the registers in place.
+    // Batches until the window's share is done, taken from the shared counter one ahead, so the
+    // loads of the next batch are in flight while this one is computed. Two buffers used in turn
+    // (a loop unrolled twice) keep the registers in place.
     auto take = [&]() {
       int b = 0;
       if (lane == 0) b = atomicAdd(&next_batch, 1);
@@ -281,36 +281,19 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
       const int64_t row = int64_t(batch) * kBatchRows + ((lane >> 2) & 7);
       if ((lane & 3) == 0 && row < p.rows) window_out[row] = sum;
     };
-    // The batch after the next one is only asked for in L2 (no registers held): with one batch
-    // in registers, the warps alone do not keep enough bytes in flight to cover DRAM latency.
-    auto prefetch = [&](int batch) {
-      if (batch >= end) return;
-      const int64_t row = int64_t(batch) * kBatchRows;
-      const uint8_t* at = window_bytes + row * p.row_bytes;
-#pragma unroll
-      for (int r = 0; r < kBatchRows; ++r) {
-        if (row + r < p.rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
-        at += p.row_bytes;
-      }
-    };
     GroupBytes a[kBatchRows], b[kBatchRows];
-    int batch = take(), next = take();
+    int batch = take();
     load(batch, a);
-    prefetch(next);
     while (batch < end) {
-      int after = take();
-      prefetch(after);
-      load(next, b);
+      int following = take();
+      load(following, b);
       compute(batch, a);
-      batch = next;
-      next = after;
+      batch = following;
       if (batch >= end) break;
-      after = take();
-      prefetch(after);
-      load(next, a);
+      following = take();
+      load(following, a);
       compute(batch, b);
-      batch = next;
-      next = after;
+      batch = following;
     }
     item = int64_t(window) * p.batches + end;
   }
