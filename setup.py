@@ -151,16 +151,18 @@ class BuildExtension(cpp_extension.BuildExtension):
 def _shared_libstdcxx():
     """Link flags that make the extension use the process's shared libstdc++.
 
-    Some toolchains link libstdc++ statically by default (a g++ wrapper passing
-    -static-libstdc++). The extension then carries its own copy of the C++ library, and where
+    Some toolchains link libstdc++ statically by default: the lent GPU machine's g++ wrapper
+    puts a directory holding only libstdc++.a first in the search path, and others pass
+    -static-libstdc++. The extension then carries its own copy of the C++ library, and where
     Python's link flags add -Bsymbolic-functions (Debian and Ubuntu builds of Python do) its calls
     bind to that copy, whose stream and locale state the process never initialized: formatting
     the first error message (std::ostringstream << a number) crashed with a segmentation fault.
-    Naming the shared library before the driver's own libraries makes the linker resolve the C++
-    library from it, as torch does."""
+    Naming the shared library's file before the driver's own libraries makes the linker resolve
+    the C++ library from it, as torch does. By file name: the g++ driver rewrites a plain
+    -lstdc++ into the static archive when it links libstdc++ statically."""
     if platform.system() != "Linux":
         return []
-    return ["-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
+    return ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
 
 
 def _extension():
