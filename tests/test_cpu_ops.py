@@ -244,6 +244,21 @@ def test_scale_index_beyond_codebook_raises(kernel, depth):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("depth", fmt.DEPTHS)
+@pytest.mark.parametrize("row,group", [(0, 3), (0, 10), (0, 31), (6, 20), (6, 36)])
+def test_scale_index_beyond_codebook_raises_one_row_of_x(kernel, depth, row, group):
+    """One row of x (the row-pass kernels, which look up the scales of 16 groups at once): the
+    bad index in either half of a block of 16 groups, in a later block, in the last row of the
+    buffer, and in the last groups of a row (left over from the blocks)."""
+    use_kernel(kernel)
+    w = Weight(7, 600, depth, codebook_size=3, seed=depth)
+    w = corrupt(w, row, group * fmt.bytes_per_group(depth) + 3 * depth, 27 + 4)  # idx = 4
+    with pytest.raises(RuntimeError, match=rf"packed row {row}, byte .* selects scale index 4 "
+                                           "but the codebook has only 3"):
+        ops.matmul(torch.randn(1, 600), w)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bad", (float("nan"), float("inf"), float("-inf")))
 def test_nonfinite_codebook_raises(kernel, bad):
     use_kernel(kernel)

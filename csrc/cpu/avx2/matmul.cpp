@@ -178,24 +178,94 @@ TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
   acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
 }
 
+// The scales of 16 consecutive groups at once, in vector registers instead of one scalar lookup
+// per group: the 16 tail bytes are moved into 32-bit lanes by one two-register dword permute (a
+// window of 128 bytes: all 16 groups at depths 1 and 2, 8 groups at depths 3 and 4, so those
+// take two windows) and a per-lane shift; t % 27 = t - 27 * mulhi(t, ceil(2^16 / 27)) (exact for
+// t < 256); the codebook, held in two registers, is indexed by a two-register float permute;
+// times the groups' activation steps s_g.
+template <int D>
+struct BlockScales {
+  static constexpr int kBytes = bytes_per_group(D);
+  static constexpr int kWindowGroups = 16 * kBytes <= 128 ? 16 : 8;
+  // bytes read from the first group of a block (tail windows and the pairs' group loads)
+  static constexpr int kReach = (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128 > 15 * kBytes + 16
+                                    ? (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128
+                                    : 15 * kBytes + 16;
+  __m512i dword, shift, codebook_low, codebook_high;
+  // pair p of the block (groups 2p, 2p + 1) reads its scales from lanes [2p] * 8, [2p + 1] * 8
+  __m512i pair_lanes[8];
+
+  TRITLLM_TARGET_AVX512 explicit BlockScales(const PackedWeight& w) {
+    alignas(64) int32_t dwords[16], shifts[16], lanes[16];
+    alignas(64) float codebook[32];
+    for (int k = 0; k < 16; ++k) {
+      const int offset = (k % kWindowGroups) * kBytes + 3 * D;  // in the group's window
+      dwords[k] = offset / 4;
+      shifts[k] = 8 * (offset % 4);
+    }
+    for (int i = 0; i < 32; ++i) codebook[i] = i < w.codebook_size ? w.codebook[i] : 0.0f;
+    dword = _mm512_load_si512(dwords);
+    shift = _mm512_load_si512(shifts);
+    codebook_low = _mm512_castps_si512(_mm512_load_ps(codebook));
+    codebook_high = _mm512_castps_si512(_mm512_load_ps(codebook + 16));
+    for (int p = 0; p < 8; ++p) {
+      for (int k = 0; k < 16; ++k) lanes[k] = 2 * p + k / 8;
+      pair_lanes[p] = _mm512_load_si512(lanes);
+    }
+  }
+
+  // codebook[t_k % 27] * s_k of groups k = 0..15 of the block at `block`, steps at `step`;
+  // notes the largest scale index in `largest` (per lane).
+  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512 operator()(
+      const uint8_t* block, const float* step, __m512i& largest) const {
+    __m512i tails = window(block);
+    if (kWindowGroups == 8) {
+      tails = _mm512_mask_mov_epi32(tails, 0xFF00, window(block + 8 * kBytes));
+    }
+    tails = _mm512_and_si512(_mm512_srlv_epi32(tails, shift), _mm512_set1_epi32(0xFF));
+    const __m512i quotient = _mm512_mulhi_epu16(tails, _mm512_set1_epi32(digit_magic(2)));
+    const __m512i index = _mm512_sub_epi32(tails, _mm512_mullo_epi16(quotient, _mm512_set1_epi32(27)));
+    largest = _mm512_max_epu32(largest, index);
+    const __m512 scale = _mm512_permutex2var_ps(_mm512_castsi512_ps(codebook_low), index,
+                                                _mm512_castsi512_ps(codebook_high));
+    return _mm512_mul_ps(scale, _mm512_loadu_ps(step));
+  }
+
+ private:
+  // The dwords holding the tail bytes of the window's groups (lanes beyond the window: junk).
+  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i window(const uint8_t* first) const {
+    return _mm512_permutex2var_epi32(_mm512_loadu_si512(first), dword,
+                                     _mm512_loadu_si512(first + 64));
+  }
+};
+
 template <int D>
 TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64_t n0, int64_t n1,
                                            bool check) {
   constexpr int kBytes = bytes_per_group(D);
+  constexpr int kReach = BlockScales<D>::kReach;
   const WideQuotientDecoder<D> wide;
+  const BlockScales<D> block_scales(c.w);
   const QuotientDecoder<D> decode = c.decode;  // for a last, odd group
   const int64_t groups = c.w.groups();
   const int64_t row_bytes = c.w.row_bytes();
   const uint8_t* const end = c.w.bytes + c.w.out_features * row_bytes;
   const uint8_t* const index = c.tables.index;
   const int16_t* const integers = c.layout.integers(c.a.prepared, m);
+  const float* const step = c.layout.step(c.a.prepared, m);
   const float* const table = c.layout.scale_table(c.a.prepared, m);
   unsigned largest_index = 0;
+  __m512i largest = _mm512_setzero_si512();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = c.w.row(n);
     if (check && !c.checker.ok(row, row_bytes)) return false;
-    // pairs of groups whose loads stay inside the buffer (the second group's 16 bytes end last)
-    int64_t direct = groups;
+    // blocks of 16 groups and then pairs of groups whose loads stay inside the buffer
+    int64_t blocks_end = groups / 16 * 16, direct = groups;
+    if (end - row < (blocks_end - 16) * kBytes + kReach) {
+      blocks_end = end - row >= kReach ? ((end - row - kReach) / kBytes + 1) / 16 * 16 : 0;
+      blocks_end = blocks_end < groups / 16 * 16 ? blocks_end : groups / 16 * 16;
+    }
     if (end - row < groups * kBytes + 16) {
       direct = end - row >= 16 + kBytes ? (end - row - 16) / kBytes : 0;
     }
@@ -204,11 +274,19 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
     // two accumulators: consecutive pairs do not wait for each other's FMA
     __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
     int64_t g = 0;
-    for (; g + 3 < direct; g += 4) {
-      if (g % 8 == 0) _mm_prefetch(ahead + g * kBytes, _MM_HINT_T0);  // 56 bytes per line
-      pair_step<D>(wide, row + g * kBytes, g, index, integers, table, even, largest_index);
-      pair_step<D>(wide, row + (g + 2) * kBytes, g + 2, index, integers, table, odd,
-                   largest_index);
+    for (; g < blocks_end; g += 16) {
+      const uint8_t* block = row + g * kBytes;
+      for (int offset = 0; offset < 16 * kBytes; offset += 64) {
+        _mm_prefetch(ahead + g * kBytes + offset, _MM_HINT_T0);
+      }
+      const __m512 scales = block_scales(block, step + g, largest);
+      for (int p = 0; p < 8; ++p) {
+        const __m512i dot = _mm512_madd_epi16(wide(block + 2 * p * kBytes),
+                                              _mm512_loadu_si512(integers + kGroupSize * (g + 2 * p)));
+        __m512& acc = p % 2 == 0 ? even : odd;
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                              _mm512_permutexvar_ps(block_scales.pair_lanes[p], scales), acc);
+      }
     }
     for (; g + 1 < direct; g += 2) {
       pair_step<D>(wide, row + g * kBytes, g, index, integers, table, even, largest_index);
@@ -222,6 +300,8 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
     c.y[m * c.w.out_features + n] =
         _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + horizontal_sum(rest);
   }
+  const unsigned largest_in_blocks = _mm512_reduce_max_epu32(largest);
+  if (largest_in_blocks > largest_index) largest_index = largest_in_blocks;
   return !(check && largest_index >= c.w.codebook_size);
 }
 
