@@ -231,6 +231,23 @@ def test_corrupt_byte_raises(kernel, depth, pos, value):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("depth", fmt.DEPTHS)
+@pytest.mark.parametrize("row,group,pos", [(0, 0, 0), (0, 9, -1), (2, 15, 1), (2, 16, -1),
+                                           (6, 36, 0), (6, 31, -1)])
+def test_corrupt_byte_raises_one_row_of_x(kernel, depth, row, group, pos):
+    """One row of x (the row-pass kernels, which check the bytes of 16 groups at once): a byte
+    out of bounds in either half of a block of 16 groups, in a later block, in the last row of
+    the buffer and in the last groups of a row (left over from the blocks)."""
+    use_kernel(kernel)
+    w = Weight(7, 600, depth, seed=depth)
+    byte = group * fmt.bytes_per_group(depth) + pos % fmt.bytes_per_group(depth)
+    value = fmt.byte_bounds(depth)[pos % fmt.bytes_per_group(depth)]
+    w = corrupt(w, row, byte, value)
+    with pytest.raises(RuntimeError, match=rf"corrupt byte at row {row}, byte {byte}: value {value}"):
+        ops.matmul(torch.randn(1, 600), w)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("depth", (1, 2))
 def test_scale_index_beyond_codebook_raises(kernel, depth):
     use_kernel(kernel)

@@ -16,6 +16,13 @@ namespace {
 
 int64_t align32(int64_t bytes) { return (bytes + 31) / 32 * 32; }
 
+int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
 // 16 values of x with the value before them: v[0] = x_{-1}, v[1..16] = x_0..x_15.
 struct GroupValues {
   alignas(32) float v[17];
@@ -79,6 +86,8 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
   int16_t* integers = reinterpret_cast<int16_t*>(row);
   float* step = reinterpret_cast<float*>(row + layout.step_offset);
   float* table = reinterpret_cast<float*>(row + layout.table_offset);
+  float* offset_dot = reinterpret_cast<float*>(row + layout.offset_dot_offset);
+  const __m256i offsets = quotient_offsets(w.depth);
   const float levels = static_cast<float>(activation_levels(w.depth));
   __m256i block[8];
   GroupValues copy;
@@ -88,6 +97,7 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
     if (g < layout.groups) q = quantize_group(group_with_predecessor(x, k_size, g, copy), levels, &step[g]);
     if (!layout.blocked) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(integers + 16 * g), q);
+      offset_dot[g] = static_cast<float>(horizontal_sum_epi32(_mm256_madd_epi16(q, offsets)));
       if (g < layout.groups) {
         for (int i = 0; i < kMaxCodebook; ++i) {
           table[kMaxCodebook * g + i] = (i < w.codebook_size ? w.codebook[i] : 0.0f) * step[g];
@@ -113,7 +123,8 @@ PreparedLayout::PreparedLayout(int64_t rows, const PackedWeight& w)
       padded_groups((w.groups() + 7) / 8 * 8) {
   step_offset = align32(padded_groups * kGroupSize * 2);
   table_offset = step_offset + align32(padded_groups * 4);
-  row_bytes = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
+  offset_dot_offset = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
+  row_bytes = offset_dot_offset + (blocked ? 0 : align32(padded_groups * 4));
   row_bytes = (row_bytes + 63) / 64 * 64;
 }
 

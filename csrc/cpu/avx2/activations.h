@@ -35,6 +35,10 @@ struct PreparedLayout {
   int64_t padded_groups; // G rounded up to a multiple of 8; the extra groups are zeros
   int64_t step_offset;   // float [padded_groups]: s of each group
   int64_t table_offset;  // float [groups * 27]: codebook[i] * s of group g at 27 g + i (if !blocked)
+  // float [padded_groups]: sum_j o_j x'_j of each group, with o the quotient offsets of decode.h
+  // (= L sum_j i_j, an integer below 2^23: exact), subtracted once per group by a kernel that
+  // decodes Q without them (if !blocked)
+  int64_t offset_dot_offset;
   int64_t row_bytes;
 
   // Integers: natural order puts group g at 16 g; blocked order puts pair j (values 2j, 2j+1)
@@ -49,6 +53,9 @@ struct PreparedLayout {
   }
   const float* scale_table(const void* prepared, int64_t m) const {
     return reinterpret_cast<const float*>(row(prepared, m) + table_offset);
+  }
+  const float* offset_dot(const void* prepared, int64_t m) const {
+    return reinterpret_cast<const float*>(row(prepared, m) + offset_dot_offset);
   }
 
  private:

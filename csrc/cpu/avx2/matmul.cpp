@@ -143,7 +143,8 @@ struct WideQuotientDecoder {
     }
   }
 
-  // Q - o (decode.h) of groups g (low half) and g + 1 (high half), the first at `group`.
+  // Q (decode.h; without the offsets o, in [0, 242 * (3^D - 1) / 2]) of groups g (low half) and
+  // g + 1 (high half), the first at `group`.
   TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i operator()(const uint8_t* group) const {
     const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(group));
     const __m512i bytes =
@@ -152,13 +153,13 @@ struct WideQuotientDecoder {
                                       _mm256_broadcastsi128_si256(_mm_loadu_si128(
                                           reinterpret_cast<const __m128i*>(group + kBytes))),
                                       1);
-    const __m512i three = _mm512_set1_epi16(3);
     __m512i q = _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[D - 1]), magic[D - 1]);
     for (int p = D - 2; p >= 0; --p) {
-      q = _mm512_add_epi16(_mm512_mullo_epi16(q, three),
+      // 3q as q + q + q: the multiplier ports are the busiest in this loop
+      q = _mm512_add_epi16(_mm512_add_epi16(_mm512_add_epi16(q, q), q),
                            _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[p]), magic[p]));
     }
-    return _mm512_sub_epi16(q, offsets);
+    return q;
   }
 };
 
@@ -168,7 +169,8 @@ TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
     const WideQuotientDecoder<D>& decode, const uint8_t* group, int64_t g, const uint8_t* index,
     const int16_t* integers, const float* table, __m512& acc, unsigned& largest_index) {
   constexpr int kBytes = bytes_per_group(D);
-  const __m512i dot = _mm512_madd_epi16(decode(group), _mm512_loadu_si512(integers + kGroupSize * g));
+  const __m512i dot = _mm512_madd_epi16(_mm512_sub_epi16(decode(group), decode.offsets),
+                                        _mm512_loadu_si512(integers + kGroupSize * g));
   const unsigned i0 = index[group[3 * D]], i1 = index[group[kBytes + 3 * D]];
   const unsigned larger = i0 > i1 ? i0 : i1;
   largest_index = larger > largest_index ? larger : largest_index;
@@ -184,6 +186,9 @@ TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
 // take two windows) and a per-lane shift; t % 27 = t - 27 * mulhi(t, ceil(2^16 / 27)) (exact for
 // t < 256); the codebook, held in two registers, is indexed by a two-register float permute;
 // times the groups' activation steps s_g.
+// The windows hold every byte of the block, so the byte-bound check (ByteChecker) is done on them
+// too: saturating subtraction of (bound - 1) per byte, ORed into an accumulator that the row
+// pass tests once per row (bytes of the window beyond its groups get the limit 255).
 template <int D>
 struct BlockScales {
   static constexpr int kBytes = bytes_per_group(D);
@@ -192,13 +197,19 @@ struct BlockScales {
   static constexpr int kReach = (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128 > 15 * kBytes + 16
                                     ? (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128
                                     : 15 * kBytes + 16;
-  __m512i dword, shift, codebook_low, codebook_high;
+  __m512i dword, shift, codebook_low, codebook_high, limit_low, limit_high;
   // pair p of the block (groups 2p, 2p + 1) reads its scales from lanes [2p] * 8, [2p + 1] * 8
   __m512i pair_lanes[8];
 
   TRITLLM_TARGET_AVX512 explicit BlockScales(const PackedWeight& w) {
     alignas(64) int32_t dwords[16], shifts[16], lanes[16];
     alignas(64) float codebook[32];
+    alignas(64) uint8_t limits[128];
+    for (int b = 0; b < 128; ++b) {
+      limits[b] = b < kWindowGroups * kBytes ? static_cast<uint8_t>(byte_bound(D, b % kBytes) - 1) : 255;
+    }
+    limit_low = _mm512_load_si512(limits);
+    limit_high = _mm512_load_si512(limits + 64);
     for (int k = 0; k < 16; ++k) {
       const int offset = (k % kWindowGroups) * kBytes + 3 * D;  // in the group's window
       dwords[k] = offset / 4;
@@ -216,12 +227,12 @@ struct BlockScales {
   }
 
   // codebook[t_k % 27] * s_k of groups k = 0..15 of the block at `block`, steps at `step`;
-  // notes the largest scale index in `largest` (per lane).
+  // notes the largest scale index in `largest` (per lane) and out-of-bound bytes in `over`.
   TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512 operator()(
-      const uint8_t* block, const float* step, __m512i& largest) const {
-    __m512i tails = window(block);
+      const uint8_t* block, const float* step, __m512i& largest, __m512i& over) const {
+    __m512i tails = window(block, over);
     if (kWindowGroups == 8) {
-      tails = _mm512_mask_mov_epi32(tails, 0xFF00, window(block + 8 * kBytes));
+      tails = _mm512_mask_mov_epi32(tails, 0xFF00, window(block + 8 * kBytes, over));
     }
     tails = _mm512_and_si512(_mm512_srlv_epi32(tails, shift), _mm512_set1_epi32(0xFF));
     const __m512i quotient = _mm512_mulhi_epu16(tails, _mm512_set1_epi32(digit_magic(2)));
@@ -233,10 +244,14 @@ struct BlockScales {
   }
 
  private:
-  // The dwords holding the tail bytes of the window's groups (lanes beyond the window: junk).
-  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i window(const uint8_t* first) const {
-    return _mm512_permutex2var_epi32(_mm512_loadu_si512(first), dword,
-                                     _mm512_loadu_si512(first + 64));
+  // The dwords holding the tail bytes of the window's groups (lanes beyond the window: junk);
+  // checks the window's bytes.
+  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i window(const uint8_t* first,
+                                                                    __m512i& over) const {
+    const __m512i low = _mm512_loadu_si512(first), high = _mm512_loadu_si512(first + 64);
+    over = _mm512_ternarylogic_epi64(over, _mm512_subs_epu8(low, limit_low),
+                                     _mm512_subs_epu8(high, limit_high), 0xFE);  // a | b | c
+    return _mm512_permutex2var_epi32(low, dword, high);
   }
 };
 
@@ -254,12 +269,12 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
   const uint8_t* const index = c.tables.index;
   const int16_t* const integers = c.layout.integers(c.a.prepared, m);
   const float* const step = c.layout.step(c.a.prepared, m);
+  const float* const offset_dot = c.layout.offset_dot(c.a.prepared, m);
   const float* const table = c.layout.scale_table(c.a.prepared, m);
   unsigned largest_index = 0;
   __m512i largest = _mm512_setzero_si512();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = c.w.row(n);
-    if (check && !c.checker.ok(row, row_bytes)) return false;
     // blocks of 16 groups and then pairs of groups whose loads stay inside the buffer
     int64_t blocks_end = groups / 16 * 16, direct = groups;
     if (end - row < (blocks_end - 16) * kBytes + kReach) {
@@ -273,13 +288,16 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
     const char* ahead = reinterpret_cast<const char*>(c.w.row(later));
     // two accumulators: consecutive pairs do not wait for each other's FMA
     __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    __m512i over = _mm512_setzero_si512();  // nonzero: a byte of the blocks is out of bounds
     int64_t g = 0;
     for (; g < blocks_end; g += 16) {
       const uint8_t* block = row + g * kBytes;
       for (int offset = 0; offset < 16 * kBytes; offset += 64) {
         _mm_prefetch(ahead + g * kBytes + offset, _MM_HINT_T0);
       }
-      const __m512 scales = block_scales(block, step + g, largest);
+      const __m512 scales = block_scales(block, step + g, largest, over);
+      // the pairs below decode Q without the offsets o: subtract sum_j o_j x'_j per group here
+      odd = _mm512_fnmadd_ps(scales, _mm512_loadu_ps(offset_dot + g), odd);
       for (int p = 0; p < 8; ++p) {
         const __m512i dot = _mm512_madd_epi16(wide(block + 2 * p * kBytes),
                                               _mm512_loadu_si512(integers + kGroupSize * (g + 2 * p)));
@@ -287,6 +305,10 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                               _mm512_permutexvar_ps(block_scales.pair_lanes[p], scales), acc);
       }
+    }
+    if (check && !(_mm512_test_epi64_mask(over, over) == 0 &&
+                   c.checker.ok(row + g * kBytes, row_bytes - g * kBytes))) {
+      return false;
     }
     for (; g + 1 < direct; g += 2) {
       pair_step<D>(wide, row + g * kBytes, g, index, integers, table, even, largest_index);
