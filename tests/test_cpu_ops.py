@@ -34,7 +34,7 @@ OUTPUT_ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0
 # count that is not a multiple of 8, enough rows of W for several threads.
 MATMUL_SHAPES = [
     (1, 37, 333), (2, 5, 17), (3, 65, 100), (7, 3, 1), (16, 41, 15), (33, 9, 333),
-    (128, 17, 100), (4, 301, 272), (5, 2, 4097), (1, 1, 16),
+    (128, 17, 100), (4, 301, 272), (5, 2, 4097), (1, 1, 16), (1, 19, 1000),
 ]
 UNPACK_K = (1, 15, 16, 17, 100, 333)
 

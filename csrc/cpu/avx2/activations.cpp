@@ -87,6 +87,7 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
   float* step = reinterpret_cast<float*>(row + layout.step_offset);
   float* table = reinterpret_cast<float*>(row + layout.table_offset);
   float* offset_dot = reinterpret_cast<float*>(row + layout.offset_dot_offset);
+  int16_t* unit_integers = reinterpret_cast<int16_t*>(row + layout.unit_offset);
   const __m256i offsets = quotient_offsets(w.depth);
   const float levels = static_cast<float>(activation_levels(w.depth));
   __m256i block[8];
@@ -98,6 +99,9 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
     if (!layout.blocked) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(integers + 16 * g), q);
       offset_dot[g] = static_cast<float>(horizontal_sum_epi32(_mm256_madd_epi16(q, offsets)));
+      for (int j = 0; j < kGroupSize; ++j) {
+        unit_integers[unit_position(w.depth, g, j)] = integers[16 * g + j];
+      }
       if (g < layout.groups) {
         for (int i = 0; i < kMaxCodebook; ++i) {
           table[kMaxCodebook * g + i] = (i < w.codebook_size ? w.codebook[i] : 0.0f) * step[g];
@@ -124,7 +128,8 @@ PreparedLayout::PreparedLayout(int64_t rows, const PackedWeight& w)
   step_offset = align32(padded_groups * kGroupSize * 2);
   table_offset = step_offset + align32(padded_groups * 4);
   offset_dot_offset = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
-  row_bytes = offset_dot_offset + (blocked ? 0 : align32(padded_groups * 4));
+  unit_offset = offset_dot_offset + (blocked ? 0 : align32(padded_groups * 4));
+  row_bytes = unit_offset + (blocked ? 0 : padded_groups * kGroupSize * 2);
   row_bytes = (row_bytes + 63) / 64 * 64;
 }
 

@@ -193,16 +193,12 @@ template <int D>
 struct BlockScales {
   static constexpr int kBytes = bytes_per_group(D);
   static constexpr int kWindowGroups = 16 * kBytes <= 128 ? 16 : 8;
-  // bytes read from the first group of a block (tail windows and the pairs' group loads)
-  static constexpr int kReach = (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128 > 15 * kBytes + 16
-                                    ? (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128
-                                    : 15 * kBytes + 16;
+  // bytes read from the first group of a block
+  static constexpr int kReach = (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128;
   __m512i dword, shift, codebook_low, codebook_high, limit_low, limit_high;
-  // pair p of the block (groups 2p, 2p + 1) reads its scales from lanes [2p] * 8, [2p + 1] * 8
-  __m512i pair_lanes[8];
 
   TRITLLM_TARGET_AVX512 explicit BlockScales(const PackedWeight& w) {
-    alignas(64) int32_t dwords[16], shifts[16], lanes[16];
+    alignas(64) int32_t dwords[16], shifts[16];
     alignas(64) float codebook[32];
     alignas(64) uint8_t limits[128];
     for (int b = 0; b < 128; ++b) {
@@ -220,10 +216,6 @@ struct BlockScales {
     shift = _mm512_load_si512(shifts);
     codebook_low = _mm512_castps_si512(_mm512_load_ps(codebook));
     codebook_high = _mm512_castps_si512(_mm512_load_ps(codebook + 16));
-    for (int p = 0; p < 8; ++p) {
-      for (int k = 0; k < 16; ++k) lanes[k] = 2 * p + k / 8;
-      pair_lanes[p] = _mm512_load_si512(lanes);
-    }
   }
 
   // codebook[t_k % 27] * s_k of groups k = 0..15 of the block at `block`, steps at `step`;
@@ -255,13 +247,103 @@ struct BlockScales {
   }
 };
 
+// A unit of 4 L groups (activations.h, unit order) decoded into kRegs registers of quotients Q
+// (decode.h, without the offsets o) and multiplied with the unit-order integers: the first
+// register by vpmaddwd, the others by vpdpwssd into the same 32-bit lanes, so that each lane
+// sums 2 kRegs products of one group (exact in int32: at most 8 * 968 * 4 * 8191 at depth 2, and
+// 4 * 9680 * 4 * 6800 at depth 4). Half as many lanes per group as a pair of groups per register
+// (AVX-512 row pass of before): half the conversions and FMAs, no adds.
+// The unit's bytes come from one 64-byte load: a dword permute moves the bytes of lane k's groups
+// (4 L B bytes from the unit's start at most 56) into lane k, where they start at byte
+// (k L B) % 4; the quotient routes of decode.h, shifted by that and by h B for group h of the
+// lane, pick them.
+template <int D>
+struct UnitDecoder {
+  static constexpr int kBytes = bytes_per_group(D);
+  static constexpr int kLaneGroups = unit_lane_groups(D);  // L
+  static constexpr int kGroups = 4 * kLaneGroups;          // groups per unit
+  static constexpr int kWidth = 8 / kLaneGroups;           // W: weights of a group per register
+  static constexpr int kRegs = kGroupSize / kWidth;
+  __m512i gather, shuffle[kRegs][D], magic[kRegs][D];
+  // unit u of a block of 16 groups reads the scale of its 32-bit lane l from block lane
+  // scale_lanes[u][l]
+  __m512i scale_lanes[16 / kGroups];
+
+  TRITLLM_TARGET_AVX512 UnitDecoder() {
+    alignas(64) int32_t dwords[16];
+    int start[4];  // byte of lane k's first group in the lane after the permute
+    for (int k = 0; k < 4; ++k) {
+      const int first = k * kLaneGroups * kBytes;
+      for (int i = 0; i < 4; ++i) dwords[4 * k + i] = first / 4 + i;
+      start[k] = first % 4;
+    }
+    gather = _mm512_load_si512(dwords);
+    for (int p = 0; p < D; ++p) {
+      const PlaneRoute route = quotient_route(D, p);
+      alignas(32) uint8_t group_shuffle[32];
+      alignas(32) uint16_t group_magic[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(group_shuffle), route.shuffle);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(group_magic), route.magic);
+      for (int r = 0; r < kRegs; ++r) {
+        alignas(64) uint8_t bytes[64];
+        alignas(64) uint16_t magics[32];
+        for (int k = 0; k < 4; ++k) {
+          for (int h = 0; h < kLaneGroups; ++h) {
+            for (int w = 0; w < kWidth; ++w) {
+              const int j = r * kWidth + w, lane = 8 * k + kWidth * h + w;
+              for (int half = 0; half < 2; ++half) {
+                const uint8_t b = group_shuffle[2 * j + half];
+                bytes[2 * lane + half] = b == 0x80 ? 0x80 : static_cast<uint8_t>(b + start[k] + h * kBytes);
+              }
+              magics[lane] = group_magic[j];
+            }
+          }
+        }
+        shuffle[r][p] = _mm512_load_si512(bytes);
+        magic[r][p] = _mm512_load_si512(magics);
+      }
+    }
+    for (int u = 0; u < 16 / kGroups; ++u) {
+      for (int l = 0; l < 16; ++l) {
+        // 32-bit lane l: 128-bit lane l / 4, 16-bit lanes 2 (l % 4) and 2 (l % 4) + 1
+        dwords[l] = u * kGroups + (l / 4) * kLaneGroups + (2 * (l % 4)) / kWidth;
+      }
+      scale_lanes[u] = _mm512_load_si512(dwords);
+    }
+  }
+
+  // sum over products of one group per 32-bit lane, for the unit at `unit` with its unit-order
+  // integers at `integers`
+  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i operator()(
+      const uint8_t* unit, const int16_t* integers) const {
+    const __m512i bytes = _mm512_permutexvar_epi32(gather, _mm512_loadu_si512(unit));
+    __m512i dot = _mm512_setzero_si512();
+    for (int r = 0; r < kRegs; ++r) {
+      __m512i q = _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[r][D - 1]), magic[r][D - 1]);
+      for (int p = D - 2; p >= 0; --p) {
+        // 3q as q + q + q: the multiplier ports are the busiest in this loop
+        q = _mm512_add_epi16(_mm512_add_epi16(_mm512_add_epi16(q, q), q),
+                             _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[r][p]), magic[r][p]));
+      }
+      const __m512i x = _mm512_loadu_si512(integers + 32 * r);
+      dot = r == 0 ? _mm512_madd_epi16(q, x) : _mm512_dpwssd_epi32(dot, q, x);
+    }
+    return dot;
+  }
+};
+
 template <int D>
 TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64_t n0, int64_t n1,
                                            bool check) {
   constexpr int kBytes = bytes_per_group(D);
-  constexpr int kReach = BlockScales<D>::kReach;
+  using Units = UnitDecoder<D>;
+  // bytes read from the first group of a block: its tail windows, its last unit's load
+  constexpr int kReach = BlockScales<D>::kReach > (16 - Units::kGroups) * kBytes + 64
+                             ? BlockScales<D>::kReach
+                             : (16 - Units::kGroups) * kBytes + 64;
   const WideQuotientDecoder<D> wide;
   const BlockScales<D> block_scales(c.w);
+  const Units units;
   const QuotientDecoder<D> decode = c.decode;  // for a last, odd group
   const int64_t groups = c.w.groups();
   const int64_t row_bytes = c.w.row_bytes();
@@ -270,6 +352,7 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
   const int16_t* const integers = c.layout.integers(c.a.prepared, m);
   const float* const step = c.layout.step(c.a.prepared, m);
   const float* const offset_dot = c.layout.offset_dot(c.a.prepared, m);
+  const int16_t* const unit_integers = c.layout.unit_integers(c.a.prepared, m);
   const float* const table = c.layout.scale_table(c.a.prepared, m);
   unsigned largest_index = 0;
   __m512i largest = _mm512_setzero_si512();
@@ -278,7 +361,7 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
     // blocks of 16 groups and then pairs of groups whose loads stay inside the buffer
     int64_t blocks_end = groups / 16 * 16, direct = groups;
     if (end - row < (blocks_end - 16) * kBytes + kReach) {
-      blocks_end = end - row >= kReach ? ((end - row - kReach) / kBytes + 1) / 16 * 16 : 0;
+      blocks_end = end - row >= kReach ? ((end - row - kReach) / kBytes / 16 + 1) * 16 : 0;
       blocks_end = blocks_end < groups / 16 * 16 ? blocks_end : groups / 16 * 16;
     }
     if (end - row < groups * kBytes + 16) {
@@ -286,7 +369,7 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
     }
     const int64_t later = n + kPrefetchRows < c.w.out_features ? n + kPrefetchRows : n;
     const char* ahead = reinterpret_cast<const char*>(c.w.row(later));
-    // two accumulators: consecutive pairs do not wait for each other's FMA
+    // two accumulators: consecutive units do not wait for each other's FMA
     __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
     __m512i over = _mm512_setzero_si512();  // nonzero: a byte of the blocks is out of bounds
     int64_t g = 0;
@@ -296,14 +379,14 @@ TRITLLM_TARGET_AVX512 bool row_pass_avx512(const Context<D>& c, int64_t m, int64
         _mm_prefetch(ahead + g * kBytes + offset, _MM_HINT_T0);
       }
       const __m512 scales = block_scales(block, step + g, largest, over);
-      // the pairs below decode Q without the offsets o: subtract sum_j o_j x'_j per group here
+      // the units below decode Q without the offsets o: subtract sum_j o_j x'_j per group here
       odd = _mm512_fnmadd_ps(scales, _mm512_loadu_ps(offset_dot + g), odd);
-      for (int p = 0; p < 8; ++p) {
-        const __m512i dot = _mm512_madd_epi16(wide(block + 2 * p * kBytes),
-                                              _mm512_loadu_si512(integers + kGroupSize * (g + 2 * p)));
-        __m512& acc = p % 2 == 0 ? even : odd;
+      for (int u = 0; u < 16 / Units::kGroups; ++u) {
+        const int64_t first = g + u * Units::kGroups;
+        const __m512i dot = units(row + first * kBytes, unit_integers + kGroupSize * first);
+        __m512& acc = u % 2 == 0 ? even : odd;
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                              _mm512_permutexvar_ps(block_scales.pair_lanes[p], scales), acc);
+                              _mm512_permutexvar_ps(units.scale_lanes[u], scales), acc);
       }
     }
     if (check && !(_mm512_test_epi64_mask(over, over) == 0 &&
