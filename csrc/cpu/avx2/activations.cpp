@@ -89,6 +89,8 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
   float* offset_dot = reinterpret_cast<float*>(row + layout.offset_dot_offset);
   int16_t* unit_integers = reinterpret_cast<int16_t*>(row + layout.unit_offset);
   const __m256i offsets = quotient_offsets(w.depth);
+  float codebook[kMaxCodebook];  // zero-padded to 27 entries
+  for (int i = 0; i < kMaxCodebook; ++i) codebook[i] = i < w.codebook_size ? w.codebook[i] : 0.0f;
   const float levels = static_cast<float>(activation_levels(w.depth));
   __m256i block[8];
   GroupValues copy;
@@ -99,12 +101,16 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
     if (!layout.blocked) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(integers + 16 * g), q);
       offset_dot[g] = static_cast<float>(horizontal_sum_epi32(_mm256_madd_epi16(q, offsets)));
-      for (int j = 0; j < kGroupSize; ++j) {
-        unit_integers[unit_position(w.depth, g, j)] = integers[16 * g + j];
+      // unit order keeps runs of W weights together, 32 integers apart
+      int16_t* unit_group = unit_integers + unit_position(w.depth, g, 0);
+      if (unit_lane_groups(w.depth) == 2) {
+        for (int r = 0; r < 4; ++r) std::memcpy(unit_group + 32 * r, integers + 16 * g + 4 * r, 8);
+      } else {
+        for (int r = 0; r < 2; ++r) std::memcpy(unit_group + 32 * r, integers + 16 * g + 8 * r, 16);
       }
       if (g < layout.groups) {
         for (int i = 0; i < kMaxCodebook; ++i) {
-          table[kMaxCodebook * g + i] = (i < w.codebook_size ? w.codebook[i] : 0.0f) * step[g];
+          table[kMaxCodebook * g + i] = codebook[i] * step[g];
         }
       }
       continue;

@@ -9,9 +9,12 @@
 //    lane holds one group; 8 multiply-adds then finish 8 groups' dot products in 8 lanes, which
 //    are scaled once per 8 groups. A strip of rows of W is decoded per chunk of K into an
 //    L1-sized buffer and reused by every row of x.
-// The "avx512" kernel set runs the same two kernels with their inner loops in AVX-512 (two
-// groups per register in the row pass, two rows of W per register and vpdpwssd in the blocked
-// kernel); everything else (activations, decoding of strips, checks) is shared.
+// The "avx512" kernel set runs the same two kernels with their inner loops in AVX-512; the blocked
+// kernel with two rows of W per register and vpdpwssd; the row pass by blocks of 16 groups of a
+// row of W: the 16 scales at once in vector registers (BlockScales, which also checks the bytes),
+// the groups decoded by units of 4 or 8 whose 32-bit lanes each sum one group's products
+// (UnitDecoder), so that one conversion and one FMA serve 2 or 4 lanes per group, not 8.
+// Everything else (activations, decoding of strips, the remaining groups of a row) is shared.
 #if defined(__AVX2__) && defined(__FMA__)
 
 #include <immintrin.h>
@@ -119,10 +122,10 @@ bool row_pass(const Context<D>& c, int64_t m, int64_t n0, int64_t n1, bool check
   return !(check && largest_index >= c.w.codebook_size);
 }
 
-// The row pass with AVX-512: two groups per 512-bit register (group g in the low 256 bits, g + 1
-// in the high ones), so every instruction does the work of two AVX2 ones. The routes of the
-// AVX2 decoder serve both halves; at depths 1 and 2 both groups fit one 16-byte load, the high
-// half reading B bytes further.
+// The row pass with AVX-512. Pairs of groups (for the groups left after the blocks of 16): two
+// groups per 512-bit register (group g in the low 256 bits, g + 1 in the high ones), so every
+// instruction does the work of two AVX2 ones. The routes of the AVX2 decoder serve both halves;
+// at depths 1 and 2 both groups fit one 16-byte load, the high half reading B bytes further.
 template <int D>
 struct WideQuotientDecoder {
   static constexpr int kBytes = bytes_per_group(D);
