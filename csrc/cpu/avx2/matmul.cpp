@@ -253,9 +253,11 @@ struct BlockScales {
 // A unit of 4 L groups (activations.h, unit order) decoded into kRegs registers of quotients Q
 // (decode.h, without the offsets o) and multiplied with the unit-order integers: the first
 // register by vpmaddwd, the others by vpdpwssd into the same 32-bit lanes, so that each lane
-// sums 2 kRegs products of one group (exact in int32: at most 8 * 968 * 4 * 8191 at depth 2, and
-// 4 * 9680 * 4 * 6800 at depth 4). Half as many lanes per group as a pair of groups per register
-// (AVX-512 row pass of before): half the conversions and FMAs, no adds.
+// sums 2 kRegs products of one group (exact in int32: |Q| <= 242 (3^D - 1) / 2, |x'| <= 4 Q_act,
+// so at most 8 * 968 * 4 * 8191 at depth 2 and 4 * 9680 * 4 * 6800 at depth 4). A group then
+// spans 2 (depths 1, 2) or 4 (depths 3, 4) lanes instead of the 8 of pair_step: a quarter or
+// half of its conversions, FMAs and scale permutes, and its multiply-adds accumulate without
+// separate adds.
 // The unit's bytes come from one 64-byte load: a dword permute moves the bytes of lane k's groups
 // (4 L B bytes from the unit's start at most 56) into lane k, where they start at byte
 // (k L B) % 4; the quotient routes of decode.h, shifted by that and by h B for group h of the
