@@ -186,7 +186,7 @@ TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
 // The scales of 16 consecutive groups at once, in vector registers instead of one scalar lookup
 // per group: the 16 tail bytes are moved into 32-bit lanes by one two-register dword permute (a
 // window of 128 bytes: all 16 groups at depths 1 and 2, 8 groups at depths 3 and 4, so those
-// take two windows) and a per-lane shift; t % 27 = t - 27 * mulhi(t, ceil(2^16 / 27)) (exact for
+// take two windows) and a byte shuffle that keeps the tail byte of each 32-bit lane; t % 27 = t - 27 * mulhi(t, ceil(2^16 / 27)) (exact for
 // t < 256); the codebook, held in two registers, is indexed by a two-register float permute;
 // times the groups' activation steps s_g.
 // The windows hold every byte of the block, so the byte-bound check (ByteChecker) is done on them
@@ -198,10 +198,10 @@ struct BlockScales {
   static constexpr int kWindowGroups = 16 * kBytes <= 128 ? 16 : 8;
   // bytes read from the first group of a block
   static constexpr int kReach = (16 / kWindowGroups - 1) * kWindowGroups * kBytes + 128;
-  __m512i dword, shift, codebook_low, codebook_high, limit_low, limit_high;
+  __m512i dword, tail_byte, codebook_low, codebook_high, limit_low, limit_high;
 
   TRITLLM_TARGET_AVX512 explicit BlockScales(const PackedWeight& w) {
-    alignas(64) int32_t dwords[16], shifts[16];
+    alignas(64) int32_t dwords[16], tail_bytes[16];
     alignas(64) float codebook[32];
     alignas(64) uint8_t limits[128];
     for (int b = 0; b < 128; ++b) {
@@ -212,11 +212,12 @@ struct BlockScales {
     for (int k = 0; k < 16; ++k) {
       const int offset = (k % kWindowGroups) * kBytes + 3 * D;  // in the group's window
       dwords[k] = offset / 4;
-      shifts[k] = 8 * (offset % 4);
+      // byte 0 of 32-bit lane k <- byte offset % 4 of the lane, zeros above
+      tail_bytes[k] = static_cast<int32_t>(0x80808000u | static_cast<uint32_t>(4 * (k % 4) + offset % 4));
     }
     for (int i = 0; i < 32; ++i) codebook[i] = i < w.codebook_size ? w.codebook[i] : 0.0f;
     dword = _mm512_load_si512(dwords);
-    shift = _mm512_load_si512(shifts);
+    tail_byte = _mm512_load_si512(tail_bytes);
     codebook_low = _mm512_castps_si512(_mm512_load_ps(codebook));
     codebook_high = _mm512_castps_si512(_mm512_load_ps(codebook + 16));
   }
@@ -229,7 +230,7 @@ struct BlockScales {
     if (kWindowGroups == 8) {
       tails = _mm512_mask_mov_epi32(tails, 0xFF00, window(block + 8 * kBytes, over));
     }
-    tails = _mm512_and_si512(_mm512_srlv_epi32(tails, shift), _mm512_set1_epi32(0xFF));
+    tails = _mm512_shuffle_epi8(tails, tail_byte);
     const __m512i quotient = _mm512_mulhi_epu16(tails, _mm512_set1_epi32(digit_magic(2)));
     const __m512i index = _mm512_sub_epi32(tails, _mm512_mullo_epi16(quotient, _mm512_set1_epi32(27)));
     largest = _mm512_max_epu32(largest, index);
