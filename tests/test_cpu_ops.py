@@ -243,7 +243,8 @@ def test_corrupt_byte_raises_one_row_of_x(kernel, depth, row, group, pos):
     byte = group * fmt.bytes_per_group(depth) + pos % fmt.bytes_per_group(depth)
     value = fmt.byte_bounds(depth)[pos % fmt.bytes_per_group(depth)]
     w = corrupt(w, row, byte, value)
-    with pytest.raises(RuntimeError, match=rf"corrupt byte at row {row}, byte {byte}: value {value}"):
+    msg = rf"corrupt byte at row {row}, byte {byte}: value {value}"
+    with pytest.raises(RuntimeError, match=msg):
         ops.matmul(torch.randn(1, 600), w)
 
 

@@ -186,9 +186,9 @@ TRITLLM_TARGET_AVX512 __attribute__((always_inline)) inline void pair_step(
 // The scales of 16 consecutive groups at once, in vector registers instead of one scalar lookup
 // per group: the 16 tail bytes are moved into 32-bit lanes by one two-register dword permute (a
 // window of 128 bytes: all 16 groups at depths 1 and 2, 8 groups at depths 3 and 4, so those
-// take two windows) and a byte shuffle that keeps the tail byte of each 32-bit lane; t % 27 = t - 27 * mulhi(t, ceil(2^16 / 27)) (exact for
-// t < 256); the codebook, held in two registers, is indexed by a two-register float permute;
-// times the groups' activation steps s_g.
+// take two windows) and a byte shuffle that keeps the tail byte of each 32-bit lane;
+// t % 27 = t - 27 * mulhi(t, ceil(2^16 / 27)) (exact for t < 256); the codebook, held in two
+// registers, is indexed by a two-register float permute; times the groups' activation steps s_g.
 // The windows hold every byte of the block, so the byte-bound check (ByteChecker) is done on them
 // too: saturating subtraction of (bound - 1) per byte, ORed into an accumulator that the row
 // pass tests once per row (bytes of the window beyond its groups get the limit 255).
@@ -205,7 +205,9 @@ struct BlockScales {
     alignas(64) float codebook[32];
     alignas(64) uint8_t limits[128];
     for (int b = 0; b < 128; ++b) {
-      limits[b] = b < kWindowGroups * kBytes ? static_cast<uint8_t>(byte_bound(D, b % kBytes) - 1) : 255;
+      limits[b] = b < kWindowGroups * kBytes
+                      ? static_cast<uint8_t>(byte_bound(D, b % kBytes) - 1)
+                      : 255;
     }
     limit_low = _mm512_load_si512(limits);
     limit_high = _mm512_load_si512(limits + 64);
@@ -213,7 +215,8 @@ struct BlockScales {
       const int offset = (k % kWindowGroups) * kBytes + 3 * D;  // in the group's window
       dwords[k] = offset / 4;
       // byte 0 of 32-bit lane k <- byte offset % 4 of the lane, zeros above
-      tail_bytes[k] = static_cast<int32_t>(0x80808000u | static_cast<uint32_t>(4 * (k % 4) + offset % 4));
+      const uint32_t byte = static_cast<uint32_t>(4 * (k % 4) + offset % 4);
+      tail_bytes[k] = static_cast<int32_t>(0x80808000u | byte);
     }
     for (int i = 0; i < 32; ++i) codebook[i] = i < w.codebook_size ? w.codebook[i] : 0.0f;
     dword = _mm512_load_si512(dwords);
@@ -232,7 +235,8 @@ struct BlockScales {
     }
     tails = _mm512_shuffle_epi8(tails, tail_byte);
     const __m512i quotient = _mm512_mulhi_epu16(tails, _mm512_set1_epi32(digit_magic(2)));
-    const __m512i index = _mm512_sub_epi32(tails, _mm512_mullo_epi16(quotient, _mm512_set1_epi32(27)));
+    const __m512i index =
+        _mm512_sub_epi32(tails, _mm512_mullo_epi16(quotient, _mm512_set1_epi32(27)));
     largest = _mm512_max_epu32(largest, index);
     const __m512 scale = _mm512_permutex2var_ps(_mm512_castsi512_ps(codebook_low), index,
                                                 _mm512_castsi512_ps(codebook_high));
@@ -299,7 +303,8 @@ struct UnitDecoder {
               const int j = r * kWidth + w, lane = 8 * k + kWidth * h + w;
               for (int half = 0; half < 2; ++half) {
                 const uint8_t b = group_shuffle[2 * j + half];
-                bytes[2 * lane + half] = b == 0x80 ? 0x80 : static_cast<uint8_t>(b + start[k] + h * kBytes);
+                bytes[2 * lane + half] =
+                    b == 0x80 ? 0x80 : static_cast<uint8_t>(b + start[k] + h * kBytes);
               }
               magics[lane] = group_magic[j];
             }
@@ -325,16 +330,22 @@ struct UnitDecoder {
     const __m512i bytes = _mm512_permutexvar_epi32(gather, _mm512_loadu_si512(unit));
     __m512i dot = _mm512_setzero_si512();
     for (int r = 0; r < kRegs; ++r) {
-      __m512i q = _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[r][D - 1]), magic[r][D - 1]);
+      __m512i q = plane_quotients(bytes, r, D - 1);
       for (int p = D - 2; p >= 0; --p) {
         // 3q as q + q + q: the multiplier ports are the busiest in this loop
         q = _mm512_add_epi16(_mm512_add_epi16(_mm512_add_epi16(q, q), q),
-                             _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[r][p]), magic[r][p]));
+                             plane_quotients(bytes, r, p));
       }
       const __m512i x = _mm512_loadu_si512(integers + 32 * r);
       dot = r == 0 ? _mm512_madd_epi16(q, x) : _mm512_dpwssd_epi32(dot, q, x);
     }
     return dot;
+  }
+
+ private:
+  TRITLLM_TARGET_AVX512 __attribute__((always_inline)) __m512i plane_quotients(__m512i bytes, int r,
+                                                                             int p) const {
+    return _mm512_mulhi_epu16(_mm512_shuffle_epi8(bytes, shuffle[r][p]), magic[r][p]);
   }
 };
 
