@@ -234,18 +234,19 @@ def test_corrupt_byte_raises(kernel, depth, pos, value):
 @pytest.mark.parametrize("depth", fmt.DEPTHS)
 @pytest.mark.parametrize("row,group,pos", [(0, 0, 0), (0, 9, -1), (2, 15, 1), (2, 16, -1),
                                            (6, 36, 0), (6, 31, -1)])
-def test_corrupt_byte_raises_one_row_of_x(kernel, depth, row, group, pos):
-    """One row of x (the row-pass kernels, which check the bytes of 16 groups at once): a byte
-    out of bounds in either half of a block of 16 groups, in a later block, in the last row of
-    the buffer and in the last groups of a row (left over from the blocks)."""
+def test_corrupt_byte_raises_long_rows(kernel, depth, row, group, pos):
+    """Rows of 38 groups, which the AVX-512 kernels take 16 groups at a time (the row pass for one
+    row of x checks their bytes itself): a byte out of bounds in either half of 16 groups, in a
+    later 16, in the last row of the buffer and in the last groups of a row (left over)."""
     use_kernel(kernel)
     w = Weight(7, 600, depth, seed=depth)
     byte = group * fmt.bytes_per_group(depth) + pos % fmt.bytes_per_group(depth)
     value = fmt.byte_bounds(depth)[pos % fmt.bytes_per_group(depth)]
     w = corrupt(w, row, byte, value)
     msg = rf"corrupt byte at row {row}, byte {byte}: value {value}"
-    with pytest.raises(RuntimeError, match=msg):
-        ops.matmul(torch.randn(1, 600), w)
+    for m in (1, 3):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.matmul(torch.randn(m, 600), w)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -264,16 +265,17 @@ def test_scale_index_beyond_codebook_raises(kernel, depth):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("depth", fmt.DEPTHS)
 @pytest.mark.parametrize("row,group", [(0, 3), (0, 10), (0, 31), (6, 20), (6, 36)])
-def test_scale_index_beyond_codebook_raises_one_row_of_x(kernel, depth, row, group):
-    """One row of x (the row-pass kernels, which look up the scales of 16 groups at once): the
-    bad index in either half of a block of 16 groups, in a later block, in the last row of the
-    buffer, and in the last groups of a row (left over from the blocks)."""
+def test_scale_index_beyond_codebook_raises_long_rows(kernel, depth, row, group):
+    """Rows of 38 groups, whose scales the AVX-512 kernels look up 16 groups at a time: the bad
+    index in either half of 16 groups, in a later 16, in the last row of the buffer, and in the
+    last groups of a row (left over)."""
     use_kernel(kernel)
     w = Weight(7, 600, depth, codebook_size=3, seed=depth)
     w = corrupt(w, row, group * fmt.bytes_per_group(depth) + 3 * depth, 27 + 4)  # idx = 4
-    with pytest.raises(RuntimeError, match=rf"packed row {row}, byte .* selects scale index 4 "
-                                           "but the codebook has only 3"):
-        ops.matmul(torch.randn(1, 600), w)
+    for m in (1, 3):
+        with pytest.raises(RuntimeError, match=rf"packed row {row}, byte .* selects scale index 4 "
+                                               "but the codebook has only 3"):
+            ops.matmul(torch.randn(m, 600), w)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
