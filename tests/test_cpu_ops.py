@@ -34,7 +34,7 @@ OUTPUT_ULP = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0
 # count that is not a multiple of 8, enough rows of W for several threads.
 MATMUL_SHAPES = [
     (1, 37, 333), (2, 5, 17), (3, 65, 100), (7, 3, 1), (16, 41, 15), (33, 9, 333),
-    (128, 17, 100), (4, 301, 272), (5, 2, 4097), (1, 1, 16),
+    (128, 17, 100), (4, 301, 272), (5, 2, 4097), (1, 1, 16), (1, 19, 1000),
 ]
 UNPACK_K = (1, 15, 16, 17, 100, 333)
 
@@ -231,6 +231,25 @@ def test_corrupt_byte_raises(kernel, depth, pos, value):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("depth", fmt.DEPTHS)
+@pytest.mark.parametrize("row,group,pos", [(0, 0, 0), (0, 9, -1), (2, 15, 1), (2, 16, -1),
+                                           (6, 36, 0), (6, 31, -1)])
+def test_corrupt_byte_raises_long_rows(kernel, depth, row, group, pos):
+    """Rows of 38 groups, which the AVX-512 kernels take 16 groups at a time (the row pass for one
+    row of x checks their bytes itself): a byte out of bounds in either half of 16 groups, in a
+    later 16, in the last row of the buffer and in the last groups of a row (left over)."""
+    use_kernel(kernel)
+    w = Weight(7, 600, depth, seed=depth)
+    byte = group * fmt.bytes_per_group(depth) + pos % fmt.bytes_per_group(depth)
+    value = fmt.byte_bounds(depth)[pos % fmt.bytes_per_group(depth)]
+    w = corrupt(w, row, byte, value)
+    msg = rf"corrupt byte at row {row}, byte {byte}: value {value}"
+    for m in (1, 3):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.matmul(torch.randn(m, 600), w)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("depth", (1, 2))
 def test_scale_index_beyond_codebook_raises(kernel, depth):
     use_kernel(kernel)
@@ -241,6 +260,22 @@ def test_scale_index_beyond_codebook_raises(kernel, depth):
         ops.unpack(w, torch.float32)
     with pytest.raises(RuntimeError, match="selects scale index 5"):
         ops.matmul(torch.randn(2, 64), w)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("depth", fmt.DEPTHS)
+@pytest.mark.parametrize("row,group", [(0, 3), (0, 10), (0, 31), (6, 20), (6, 36)])
+def test_scale_index_beyond_codebook_raises_long_rows(kernel, depth, row, group):
+    """Rows of 38 groups, whose scales the AVX-512 kernels look up 16 groups at a time: the bad
+    index in either half of 16 groups, in a later 16, in the last row of the buffer, and in the
+    last groups of a row (left over)."""
+    use_kernel(kernel)
+    w = Weight(7, 600, depth, codebook_size=3, seed=depth)
+    w = corrupt(w, row, group * fmt.bytes_per_group(depth) + 3 * depth, 27 + 4)  # idx = 4
+    for m in (1, 3):
+        with pytest.raises(RuntimeError, match=rf"packed row {row}, byte .* selects scale index 4 "
+                                               "but the codebook has only 3"):
+            ops.matmul(torch.randn(m, 600), w)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

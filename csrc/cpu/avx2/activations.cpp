@@ -16,6 +16,13 @@ namespace {
 
 int64_t align32(int64_t bytes) { return (bytes + 31) / 32 * 32; }
 
+int32_t horizontal_sum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
 // 16 values of x with the value before them: v[0] = x_{-1}, v[1..16] = x_0..x_15.
 struct GroupValues {
   alignas(32) float v[17];
@@ -79,6 +86,11 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
   int16_t* integers = reinterpret_cast<int16_t*>(row);
   float* step = reinterpret_cast<float*>(row + layout.step_offset);
   float* table = reinterpret_cast<float*>(row + layout.table_offset);
+  float* offset_dot = reinterpret_cast<float*>(row + layout.offset_dot_offset);
+  int16_t* unit_integers = reinterpret_cast<int16_t*>(row + layout.unit_offset);
+  const __m256i offsets = quotient_offsets(w.depth);
+  float codebook[kMaxCodebook];  // zero-padded to 27 entries
+  for (int i = 0; i < kMaxCodebook; ++i) codebook[i] = i < w.codebook_size ? w.codebook[i] : 0.0f;
   const float levels = static_cast<float>(activation_levels(w.depth));
   __m256i block[8];
   GroupValues copy;
@@ -88,9 +100,17 @@ void prepare_row(const float* x, int64_t k_size, const PackedWeight& w,
     if (g < layout.groups) q = quantize_group(group_with_predecessor(x, k_size, g, copy), levels, &step[g]);
     if (!layout.blocked) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(integers + 16 * g), q);
+      offset_dot[g] = static_cast<float>(horizontal_sum_epi32(_mm256_madd_epi16(q, offsets)));
+      // unit order keeps runs of W weights together, 32 integers apart
+      int16_t* unit_group = unit_integers + unit_position(w.depth, g, 0);
+      if (unit_lane_groups(w.depth) == 2) {
+        for (int r = 0; r < 4; ++r) std::memcpy(unit_group + 32 * r, integers + 16 * g + 4 * r, 8);
+      } else {
+        for (int r = 0; r < 2; ++r) std::memcpy(unit_group + 32 * r, integers + 16 * g + 8 * r, 16);
+      }
       if (g < layout.groups) {
         for (int i = 0; i < kMaxCodebook; ++i) {
-          table[kMaxCodebook * g + i] = (i < w.codebook_size ? w.codebook[i] : 0.0f) * step[g];
+          table[kMaxCodebook * g + i] = codebook[i] * step[g];
         }
       }
       continue;
@@ -113,7 +133,9 @@ PreparedLayout::PreparedLayout(int64_t rows, const PackedWeight& w)
       padded_groups((w.groups() + 7) / 8 * 8) {
   step_offset = align32(padded_groups * kGroupSize * 2);
   table_offset = step_offset + align32(padded_groups * 4);
-  row_bytes = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
+  offset_dot_offset = table_offset + (blocked ? 0 : align32(groups * kMaxCodebook * 4));
+  unit_offset = offset_dot_offset + (blocked ? 0 : align32(padded_groups * 4));
+  row_bytes = unit_offset + (blocked ? 0 : padded_groups * kGroupSize * 2);
   row_bytes = (row_bytes + 63) / 64 * 64;
 }
 
