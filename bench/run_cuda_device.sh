@@ -41,22 +41,17 @@ if has tests; then
   grep -E "^(FAILED|ERROR)|Error:|assert" "$OUT/tests.log" | head -20
 fi
 
+# sanitize TOOL FILTER: compute-sanitizer TOOL over the CUDA tests that pytest's -k FILTER selects.
 # The sanitizers check every access; the caching allocator would hide overruns inside its blocks.
-SAN_ENV="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
-if has memcheck; then
-  start=$SECONDS
-  env $SAN_ENV timeout 500 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py \
-    -k "unpack or exact_data or corrupt or noncontiguous or empty" > "$OUT/memcheck.log" 2>&1
-  note "memcheck: rc=$? in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1); $(grep -E 'passed|failed' "$OUT/memcheck.log" | tail -1)"
-fi
-if has racecheck; then
-  start=$SECONDS
-  env $SAN_ENV timeout 500 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py \
-    -k "exact_data and (lut or generic or xtable)" > "$OUT/racecheck.log" 2>&1
-  note "racecheck: rc=$? in $((SECONDS - start)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -1); $(grep -E 'passed|failed' "$OUT/racecheck.log" | tail -1)"
-fi
+sanitize() {
+  local tool=$1 filter=$2 start=$SECONDS
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 500 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "$filter" \
+    > "$OUT/$tool.log" 2>&1
+  note "$tool: rc=$? in $((SECONDS - start)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/$tool.log" | tail -1); $(grep -E 'passed|failed' "$OUT/$tool.log" | tail -1)"
+}
+has memcheck && sanitize memcheck "unpack or exact_data or corrupt or noncontiguous or empty"
+has racecheck && sanitize racecheck "exact_data and (lut or generic or xtable)"
 
 if has profile; then
   for shape in ${PROFILE_SHAPES:-28672,4096,1 28672,4096,16 28672,4096,64}; do
