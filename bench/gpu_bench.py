@@ -4,7 +4,10 @@ For every shape (N x K) and M in 1 .. 4096 it times, in one process:
   * tritllm   depth 2 (3.5 bits/weight), float16 activations;
   * cuBLAS    F.linear with a dense float16 weight;
   * tinygemm  torch.ops.aten._weight_int4pack_mm, int4 weights in groups of 128 (the kernel takes
-              bfloat16 activations only).
+              bfloat16 activations only);
+  * unpack + cuBLAS, for M > 16: the tritllm unpack op into a float16 W, then F.linear: the
+              path matmul takes above its fused kernels (csrc/cuda/register.cu), timed here so
+              that the table shows where the fused kernels stop paying.
 Method: each implementation runs C times back to back inside one captured CUDA graph, each call
 on its own copy of the weight (C copies together are at least twice the L2 cache, so no call
 finds its weight in L2, and the graph removes launch gaps); a replay's time divided by C is one
@@ -105,14 +108,16 @@ def random_trit_weight(n, k, generator):
 class Implementations:
     """The three products for one shape, each with C copies of its weight."""
 
-    def __init__(self, n, k, l2_bytes, generator):
+    def __init__(self, n, k, l2_bytes, generator, dense=True):
+        """dense=False: the packed copies only (no cuBLAS or tinygemm weights)."""
         self.n, self.k = n, k
         packed, codebook = random_trit_weight(n, k, generator)
         self.codebook = codebook
         self.packed = [packed] + [packed.clone() for _ in range(copies_for(packed.nbytes, l2_bytes) - 1)]
-        dense = torch.ops.tritllm.unpack(packed, codebook, DEPTH, k, torch.float16)
-        self.dense = [dense] + [dense.clone() for _ in range(copies_for(dense.nbytes, l2_bytes) - 1)]
-        self.int4 = self._tinygemm_weights(l2_bytes, generator)
+        if dense:
+            w = torch.ops.tritllm.unpack(packed, codebook, DEPTH, k, torch.float16)
+            self.dense = [w] + [w.clone() for _ in range(copies_for(w.nbytes, l2_bytes) - 1)]
+            self.int4 = self._tinygemm_weights(l2_bytes, generator)
 
     def _tinygemm_weights(self, l2_bytes, generator):
         n, k = self.n, self.k
@@ -136,6 +141,12 @@ class Implementations:
     def time_unpack(self):
         """The unpack op (exact, to float16) on every copy."""
         calls = [lambda p=p: torch.ops.tritllm.unpack(p, self.codebook, DEPTH, self.k, torch.float16)
+                 for p in self.packed]
+        return median_replay_ms(capture(calls), len(calls))
+
+    def time_unpack_cublas(self, x):
+        calls = [lambda p=p: F.linear(x, torch.ops.tritllm.unpack(p, self.codebook, DEPTH, self.k,
+                                                                   torch.float16))
                  for p in self.packed]
         return median_replay_ms(capture(calls), len(calls))
 
@@ -189,9 +200,11 @@ def run(tokens):
             t = impl.time_tritllm(x)
             c = impl.time_cublas(x)
             g = impl.time_tinygemm(x)
+            u = impl.time_unpack_cublas(x) if m > 16 else None
             moved = impl.packed[0].nbytes + x.nbytes + m * n * 2
             row = {"N": n, "K": k, "M": m, "tritllm_us": t * 1e3, "cublas_fp16_us": c * 1e3,
                    "tinygemm_int4_us": None if g is None else g * 1e3,
+                   "unpack_cublas_us": None if u is None else u * 1e3,
                    "gbs": moved / t / 1e6, "copy_pct": 100 * moved / t / 1e6 / copy_gbs,
                    "vs_cublas": c / t, "vs_tinygemm": None if g is None else g / t}
             rows.append(row)
@@ -208,15 +221,16 @@ def run(tokens):
 
 
 HEADER = ("| N x K | M | tritllm us | GB/s | % copy | cuBLAS fp16 us | tinygemm int4 us "
-          "| x cuBLAS | x tinygemm |")
+          "| unpack + cuBLAS us | x cuBLAS | x tinygemm |")
 
 
 def format_row(r):
     tiny = "n/a" if r["tinygemm_int4_us"] is None else f"{r['tinygemm_int4_us']:.1f}"
     vs_tiny = "n/a" if r["vs_tinygemm"] is None else f"{r['vs_tinygemm']:.2f}"
+    unpacked = "" if r.get("unpack_cublas_us") is None else f"{r['unpack_cublas_us']:.1f}"
     return (f"| {r['N']}x{r['K']} | {r['M']} | {r['tritllm_us']:.1f} | {r['gbs']:.0f} | "
-            f"{r['copy_pct']:.0f} | {r['cublas_fp16_us']:.1f} | {tiny} | {r['vs_cublas']:.2f} "
-            f"| {vs_tiny} |")
+            f"{r['copy_pct']:.0f} | {r['cublas_fp16_us']:.1f} | {tiny} | {unpacked} "
+            f"| {r['vs_cublas']:.2f} | {vs_tiny} |")
 
 
 def profile(n, k, m):
@@ -279,7 +293,7 @@ def main():
         sys.exit("gpu_bench.py needs a CUDA device")
     result = run(args.tokens or (QUICK_TOKENS if args.quick else TOKENS))
     print(HEADER)
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(format_row(r))
     with open(args.json, "w") as f:

@@ -51,7 +51,7 @@ sanitize() {
   note "$tool: rc=$? in $((SECONDS - start)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/$tool.log" | tail -1); $(grep -E 'passed|failed' "$OUT/$tool.log" | tail -1)"
 }
 has memcheck && sanitize memcheck "unpack or exact_data or corrupt or noncontiguous or empty"
-has racecheck && sanitize racecheck "exact_data and (lut or generic or xtable)"
+has racecheck && sanitize racecheck "exact_data and (lut or tile or generic or xtable)"
 
 if has profile; then
   for shape in ${PROFILE_SHAPES:-28672,4096,1 28672,4096,16 28672,4096,64}; do
@@ -60,10 +60,10 @@ if has profile; then
       --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       --section InstructionStats \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active" \
-      -k regex:"xtable_gemv|lut_gemv|unpack" -c 1 \
+      -k regex:"xtable_gemv|lut_gemv|tile_gemm|unpack" -c 1 \
       python3 bench/gpu_bench.py --profile "$n" "$k" "$m" > "$OUT/ncu_${n}x${k}_m${m}.txt" 2>&1
     note "profile ${n}x${k} M=$m: rc=$?"
-    grep -E "xtable_gemv_kernel|lut_gemv_kernel|unpack_kernel|SM Frequency|Duration|DRAM Throughput|Registers Per|No Eligible|Warp Cycles Per Issued|Executed Instructions  |stalled|bank_conflicts|wavefronts|op_shared_ld|pipe_" \
+    grep -E "xtable_gemv_kernel|lut_gemv_kernel|tile_gemm_kernel|unpack_kernel|SM Frequency|Duration|DRAM Throughput|Registers Per|No Eligible|Warp Cycles Per Issued|Executed Instructions  |stalled|bank_conflicts|wavefronts|op_shared_ld|pipe_" \
       "$OUT/ncu_${n}x${k}_m${m}.txt" | grep -vE " 0$|0\.0[0-9]$" | head -45
   done
 fi

@@ -1,10 +1,14 @@
 """CUDA implementations of torch.ops.tritllm.unpack / matmul (csrc/cuda).
 
-matmul takes one of four paths (csrc/cuda/register.cu); every test names the path it means to
-cover, and the shapes are chosen so that each path meets odd M and N, K not a multiple of 16,
-several K-splits and partial row blocks:
+matmul takes one of five kernels (csrc/cuda/register.cu). The kernel tests run the kernel they name
+through torch.ops.tritllm._cuda_matmul_with, whatever the heuristic would pick, and the shapes
+are chosen so that each kernel meets odd M and N, K not a multiple of 16, several K-splits and
+partial row blocks; the heuristic's own choice is what the other tests (3-D inputs, graphs,
+streams, compile) run. Where the heuristic sends each kernel:
   * "xtable"   depth 1-2, M = 1, whole 512-weight windows (x-tables, any dtype);
-  * "lut"      depth 1-2, float16/bfloat16 x, whole 256-weight runs, M <= 48;
+  * "tile"     depth 1-2, float16/bfloat16 x, whole 256-weight runs, 2 <= M <= 192, on GPUs
+               with ~200 KB of shared memory per block (Hopper);
+  * "lut"      the same conditions where "tile" cannot run, M <= 48 (slices of 16 tokens);
   * "generic"  any other call with M <= 16;
   * "gemm"     the rest: W unpacked, then cuBLAS.
 
@@ -46,16 +50,28 @@ PATH_CASES = [
     ("lut", 1, torch.float16, 8, 17, 512),
     ("lut", 1, torch.bfloat16, 9, 64, 768),       # two token tiles
     ("lut", 2, torch.float16, 16, 5, 256),
+    ("lut", 2, torch.float16, 2, 32000, 256),     # several tiles per persistent CUDA block
     ("lut", 2, torch.bfloat16, 17, 33, 1024),     # two slices of tokens
     ("lut", 1, torch.float16, 48, 20, 512),
-    ("lut", 2, torch.float16, 2, 32000, 256),     # several tiles per persistent CUDA block
+    ("tile", 2, torch.float16, 1, 300, 4352),
+    ("tile", 1, torch.bfloat16, 5, 64, 768),
+    ("tile", 2, torch.bfloat16, 12, 1000, 1024),   # 16-token tile
+    ("tile", 2, torch.float16, 17, 37, 256),
+    ("tile", 2, torch.bfloat16, 17, 33, 1024),
+    ("tile", 1, torch.float16, 48, 20, 512),
+    ("tile", 2, torch.bfloat16, 33, 300, 4352),    # 17 runs, 3 row tiles (the last partial)
+    ("tile", 2, torch.float16, 64, 129, 4090),     # K % 16 != 0 but whole runs of groups
+    ("tile", 1, torch.bfloat16, 100, 200, 768),    # two token tiles, the second partial
+    ("tile", 2, torch.float16, 40, 64, 8192),      # one tile: K split 32 ways
+    ("tile", 2, torch.bfloat16, 512, 50, 512),     # 8 token tiles
+    ("tile", 2, torch.float16, 24, 32000, 256),    # 250 row tiles: several per persistent block
     ("generic", 3, torch.float16, 1, 37, 333),
     ("generic", 4, torch.bfloat16, 7, 9, 100),
     ("generic", 2, torch.float32, 16, 41, 15),
     ("generic", 2, torch.float16, 3, 65, 4000),   # G % 16 != 0
     ("generic", 1, torch.bfloat16, 2, 5, 17),
-    ("gemm", 2, torch.float16, 64, 300, 1024),
-    ("gemm", 1, torch.bfloat16, 50, 70, 512),
+    ("gemm", 2, torch.float16, 600, 300, 1024),
+    ("gemm", 1, torch.bfloat16, 520, 70, 512),
     ("gemm", 4, torch.bfloat16, 20, 7, 333),
     ("gemm", 1, torch.float32, 33, 65, 100),
     ("gemm", 3, torch.float32, 49, 1000, 8192),
@@ -97,9 +113,13 @@ def poison(shape, dtype):
     del block
 
 
-def matmul(x, w):
+def matmul(x, w, kernel=None):
+    """x @ W.T by the named CUDA kernel, or by the one the heuristic picks, into poisoned memory."""
     poison((*x.shape[:-1], w.shape[0]), x.dtype)
-    return torch.ops.tritllm.matmul(x, w.packed, w.codebook, w.depth, w.shape[1])
+    if kernel is None:
+        return torch.ops.tritllm.matmul(x, w.packed, w.codebook, w.depth, w.shape[1])
+    return torch.ops.tritllm._cuda_matmul_with(x, w.packed, w.codebook, w.depth, w.shape[1],
+                                               kernel)
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +192,7 @@ def test_unpack_is_bit_exact(dtype, depth):
 def test_matmul_exact_data_is_bit_exact(path, depth, dtype, m, n, k):
     w = CudaWeight(n, k, depth, seed=m * 1000 + n, exact=True)
     x = activations((m, k), dtype, seed=m + k, exact=True)
-    y = matmul(x.to(DEVICE), w)
+    y = matmul(x.to(DEVICE), w, path)
     assert y.dtype == dtype and y.shape == (m, n)
     assert torch.equal(y.cpu(), reference(x, w).to(dtype)), path
 
@@ -182,7 +202,7 @@ def test_matmul_exact_data_is_bit_exact(path, depth, dtype, m, n, k):
 def test_matmul_random_data_within_tolerance(path, depth, dtype, m, n, k):
     w = CudaWeight(n, k, depth, seed=m * 1000 + n + 1, exact=False)
     x = activations((m, k), dtype, seed=m + k + 1, exact=False)
-    y = matmul(x.to(DEVICE), w).cpu()
+    y = matmul(x.to(DEVICE), w, path).cpu()
     ref = reference(x, w)
     assert torch.isfinite(y).all()
     rel = float((y.double() - ref).norm() / ref.norm())
@@ -216,7 +236,8 @@ def test_matmul_nonfinite_x_poisons_only_its_row():
 @cuda_only
 @pytest.mark.parametrize("depth,dtype,m,k", [(2, torch.float16, 1, 256), (1, torch.bfloat16, 20, 512),
                                              (2, torch.bfloat16, 1, 1024), (1, torch.float16, 1, 512),
-                                             (3, torch.float32, 2, 100), (4, torch.float16, 64, 40)])
+                                             (3, torch.float32, 2, 100), (4, torch.float16, 64, 40),
+                                             (2, torch.float16, 70, 1024)])
 def test_corrupt_bytes_stay_in_bounds(depth, dtype, m, k):
     """The CUDA ops do not read contents to check them (docs/FORMAT.md, Validation): bytes >= 243
     and scale indices past the codebook give wrong numbers, never an out-of-bounds access
@@ -240,6 +261,17 @@ def test_empty_shapes():
 
 
 @cuda_only
+def test_forcing_a_kernel_that_cannot_run_raises():
+    w = CudaWeight(7, 40, 3, seed=1, exact=False)
+    x = torch.randn(2, 40, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"the requested CUDA kernel cannot run this product "
+                                           r"\(M=2, N=7, K=40, depth 3, Float\)"):
+        torch.ops.tritllm._cuda_matmul_with(x, w.packed, w.codebook, 3, 40, "tile")
+    with pytest.raises(RuntimeError, match="unknown CUDA kernel 'fast'; the kernels are xtable"):
+        torch.ops.tritllm._cuda_matmul_with(x, w.packed, w.codebook, 3, 40, "fast")
+
+
+@cuda_only
 def test_arguments_on_different_devices_raise():
     w = CudaWeight(7, 40, 2, seed=1, exact=False)
     with pytest.raises(RuntimeError, match="x is on cpu but the weight is on cuda"):
@@ -256,19 +288,20 @@ def test_arguments_on_different_devices_raise():
 @pytest.mark.parametrize("path,depth,dtype,m,n,k", [
     ("xtable", 2, torch.float16, 1, 300, 4608),
     ("lut", 2, torch.float16, 1, 300, 4352), ("generic", 3, torch.bfloat16, 4, 33, 100),
-    ("gemm", 2, torch.float16, 64, 65, 512)])
+    ("tile", 2, torch.float16, 40, 64, 8192), ("tile", 2, torch.bfloat16, 70, 300, 1024),
+    ("gemm", 2, torch.float16, 600, 65, 512)])
 def test_cuda_graph_replay_equals_eager(path, depth, dtype, m, n, k):
     w = CudaWeight(n, k, depth, seed=n, exact=False)
     x = activations((m, k), dtype, seed=k, exact=False).to(DEVICE)
-    eager = matmul(x, w)
+    eager = matmul(x, w, path)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up off the capture, as torch.cuda.graphs asks
-        matmul(x, w)
+        matmul(x, w, path)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = torch.ops.tritllm.matmul(x, w.packed, w.codebook, depth, k)
+        captured = torch.ops.tritllm._cuda_matmul_with(x, w.packed, w.codebook, depth, k, path)
     for _ in range(2):
         captured.fill_(float("nan"))
         graph.replay()
@@ -276,7 +309,7 @@ def test_cuda_graph_replay_equals_eager(path, depth, dtype, m, n, k):
         assert torch.equal(captured, eager), path
     x.copy_(activations((m, k), dtype, seed=k + 1, exact=False))  # replays read the new input
     graph.replay()
-    assert torch.equal(captured, matmul(x, w)), path
+    assert torch.equal(captured, matmul(x, w, path)), path
 
 
 @cuda_only

@@ -38,6 +38,14 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
 void xtable_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                       int64_t depth, const at::Tensor& out);
 
+// The prefill kernel: tiles of 128 rows x 64 tokens, weights decoded in registers as in lut_gemv
+// and tensor-core products, for depth 1 and 2, float16/bfloat16 x, any M (chosen by register.cu
+// for M from 17 to kTileMaxTokens). tile_gemm_supports says whether it can run the call (shapes,
+// alignment, ~210 KB of shared memory per block).                                tile_gemm.cu
+bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
+void tile_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                    int64_t depth, const at::Tensor& out);
+
 // out [M, N] = x @ W.T for any M: W unpacked into a transient dense buffer, then one cuBLAS
 // product (at::mm_out) on the same stream.                                        gemm.cu
 void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,

@@ -137,6 +137,20 @@ __device__ __forceinline__ uint2 load_entry(uint32_t table, uint32_t offset) {
   return v;
 }
 
+// Sixteen values of one group as pairs in natural order, (x0 x1) (x2 x3) ... (x14 x15) -> the
+// same values in the pair order of decode_group_pairs below, so that slot i of the decoded
+// weights meets slot i of the activations in a tensor-core product.
+__device__ __forceinline__ void slot_order(const uint32_t (&natural)[8], uint32_t (&slot)[8]) {
+  slot[0] = natural[0];                                   // x0 x1
+  slot[1] = natural[1];                                   // x2 x3
+  slot[2] = __byte_perm(natural[2], natural[3], 0x5432);  // x5 x6
+  slot[3] = __byte_perm(natural[3], natural[4], 0x5432);  // x7 x8
+  slot[4] = natural[5];                                   // x10 x11
+  slot[5] = natural[6];                                   // x12 x13
+  slot[6] = __byte_perm(natural[2], natural[4], 0x7610);  // x4 x9
+  slot[7] = natural[7];                                   // x14 x15
+}
+
 // The group starting at byte `group * B` of a lane's bytes -> its 16 dequantized weights as 8
 // pairs, in the order (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15). `tables` is the
 // shared-space address of build_tables' output.

@@ -23,6 +23,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "cp_async.cuh"
 #include "launchers.h"
 #include "lut_decode.cuh"
 #include "split_sums.cuh"
@@ -47,26 +48,6 @@ size_t shared_bytes(int depth, int warps, int blocks_per_tile) {
   return size_t(lut::kTableBytes) +
          size_t(warps) * kStages * stage_bytes(depth) +
          size_t(kTileBuffers) * blocks_per_tile * warps * kWarpTileFloats * sizeof(float);
-}
-
-__device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
-  // With a source size of 0 nothing is read and the 16 bytes are zero-filled.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global_src),
-               "r"(valid ? 16 : 0));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;");
-#endif
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
-#endif
 }
 
 struct LutParams {
@@ -131,15 +112,7 @@ __device__ __forceinline__ void load_activations(const LutParams& p, int run, in
 #pragma unroll
     for (int c = 0; c < kGroupsPerLane; ++c) {
       uint32_t(&dst)[8] = half == 0 ? xa[c] : xb[c];
-      const uint32_t(&l)[8] = lin[c];
-      dst[0] = l[0];                             // x0 x1
-      dst[1] = l[1];                             // x2 x3
-      dst[2] = __byte_perm(l[2], l[3], 0x5432);  // x5 x6
-      dst[3] = __byte_perm(l[3], l[4], 0x5432);  // x7 x8
-      dst[4] = l[5];                             // x10 x11
-      dst[5] = l[6];                             // x12 x13
-      dst[6] = __byte_perm(l[2], l[4], 0x7610);  // x4 x9
-      dst[7] = l[7];                             // x14 x15
+      lut::slot_order(lin[c], dst);
     }
   }
 }

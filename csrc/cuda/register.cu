@@ -1,17 +1,25 @@
 // CUDA implementations of the tritllm ops (schemas: csrc/ops.cpp) and the choice of kernel.
 //
-// matmul picks one of four paths (docs/PERF.md, "GPU", has the measurements behind it):
+// matmul picks one of five kernels (bench/gpu_kernels.py times each on every product it can run;
+// docs/PERF.md, "GPU", has the table behind these rules):
 //   * xtable_gemv depth 1-2, one token, whole 512-weight windows (G % 32 == 0): lookup tables
-//                 of activation sums, the fastest per weight (docs/KERNEL_NOTES.md);
-//   * lut_gemv    depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), and at
-//                 most kLutFusedMaxTokens tokens (run in slices of 16): reads the packed bytes
-//                 once per slice, so its time grows with ceil(M / 16);
+//                 of activation sums, the fastest per weight at M = 1 (docs/KERNEL_NOTES.md);
+//   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), 2 to
+//                 kTileMaxTokens tokens, GPUs with ~200 KB of shared memory per block (Hopper):
+//                 weights decoded in registers once per tile of up to 64 tokens, tensor-core
+//                 products. Faster than lut_gemv from M = 2 or 4 on, up to 2x on 4096x14336;
+//   * lut_gemv    the same conditions on GPUs where tile_gemm cannot run, up to
+//                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
-//   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS.
+//   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS; from
+//                 about M = 256 on it beats decoding the packed bytes once per 64 tokens.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -21,7 +29,10 @@ namespace tritllm {
 namespace cuda {
 namespace {
 
-// Above this many tokens the chunked cuBLAS product beats re-reading the packed bytes.
+// Above these many tokens cuBLAS on an unpacked W beats decoding the packed bytes once per tile of
+// 64 tokens (tile_gemm; measured crossover between 128 and 256 on three of the four 8B shapes) or
+// once per slice of 16 tokens (lut_gemv).
+constexpr int64_t kTileMaxTokens = 192;
 constexpr int64_t kLutFusedMaxTokens = 48;
 
 at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
@@ -43,39 +54,95 @@ void by_token_slices(const at::Tensor& x, const at::Tensor& out, int64_t slice, 
   }
 }
 
-at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
-                       int64_t depth, int64_t in_features) {
+// The kernels a product can take, by the names the tests and benchmarks use.
+enum class Kernel { kXtable, kLut, kTile, kGeneric, kGemm };
+
+bool can_run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
+  switch (kernel) {
+    case Kernel::kXtable: return x.size(0) == 1 && xtable_gemv_supports(x, packed, depth);
+    case Kernel::kLut: return lut_gemv_supports(x, packed, depth);
+    case Kernel::kTile: return tile_gemm_supports(x, packed, depth);
+    case Kernel::kGeneric: return x.size(0) <= kGenericMaxTokens;
+    case Kernel::kGemm: return true;
+  }
+  return false;
+}
+
+// The heuristic (measurements: docs/PERF.md, "GPU").
+Kernel choose(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
+  const int64_t tokens = x.size(0);
+  if (tokens == 1 && can_run(Kernel::kXtable, x, packed, depth)) return Kernel::kXtable;
+  if (tokens <= kTileMaxTokens && can_run(Kernel::kTile, x, packed, depth)) return Kernel::kTile;
+  if (tokens <= kLutFusedMaxTokens && can_run(Kernel::kLut, x, packed, depth)) return Kernel::kLut;
+  if (tokens <= kGenericMaxTokens) return Kernel::kGeneric;
+  return Kernel::kGemm;
+}
+
+void run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+         int64_t depth, const at::Tensor& out) {
+  switch (kernel) {
+    case Kernel::kXtable: return xtable_gemv_into(x, packed, codebook, depth, out);
+    case Kernel::kLut:
+      return by_token_slices(x, out, kLutMaxTokens, [&](const at::Tensor& xs, const at::Tensor& os) {
+        lut_gemv_into(xs, packed, codebook, depth, os);
+      });
+    case Kernel::kTile: return tile_gemm_into(x, packed, codebook, depth, out);
+    case Kernel::kGeneric: return generic_gemv_into(x, packed, codebook, depth, out);
+    case Kernel::kGemm: return unpack_gemm_into(x, packed, codebook, depth, out);
+  }
+}
+
+// x [..., K] @ W.T by `kernel`, or by the heuristic's choice when it is empty.
+at::Tensor product(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                   int64_t depth, int64_t in_features, const std::optional<Kernel> kernel) {
   check_weight_args(packed, codebook, depth, in_features);
   check_activation(x, packed, in_features);
   c10::cuda::CUDAGuard guard(packed.device());
 
   const int64_t rows = packed.size(0);
   const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
-  const int64_t tokens = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = rows;
-  at::Tensor out = at::empty({tokens, rows}, x.options());
-  if (tokens == 0 || rows == 0) return out.view(out_shape);
-
-  if (tokens == 1 && xtable_gemv_supports(x2, packed, depth)) {
-    xtable_gemv_into(x2, packed, codebook, depth, out);
-  } else if (tokens <= kLutFusedMaxTokens && lut_gemv_supports(x2, packed, depth)) {
-    by_token_slices(x2, out, kLutMaxTokens, [&](const at::Tensor& xs, const at::Tensor& os) {
-      lut_gemv_into(xs, packed, codebook, depth, os);
-    });
-  } else if (tokens <= kGenericMaxTokens) {
-    generic_gemv_into(x2, packed, codebook, depth, out);
-  } else {
-    unpack_gemm_into(x2, packed, codebook, depth, out);
-  }
+  at::Tensor out = at::empty({x2.size(0), rows}, x.options());
+  if (x2.size(0) == 0 || rows == 0) return out.view(out_shape);
+  TORCH_CHECK(!kernel || can_run(*kernel, x2, packed, depth),
+              "tritllm: the requested CUDA kernel cannot run this product (M=", x2.size(0),
+              ", N=", rows, ", K=", in_features, ", depth ", depth, ", ", x.scalar_type(), ")");
+  run(kernel ? *kernel : choose(x2, packed, depth), x2, packed, codebook, depth, out);
   return out.view(out_shape);
+}
+
+at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                       int64_t depth, int64_t in_features) {
+  return product(x, packed, codebook, depth, in_features, std::nullopt);
+}
+
+// For tests and benchmarks: the product by one named kernel, whatever the heuristic would pick.
+at::Tensor matmul_with_cuda(const at::Tensor& x, const at::Tensor& packed,
+                            const at::Tensor& codebook, int64_t depth, int64_t in_features,
+                            const std::string& name) {
+  static const std::pair<const char*, Kernel> kNames[] = {
+      {"xtable", Kernel::kXtable}, {"lut", Kernel::kLut}, {"tile", Kernel::kTile},
+      {"generic", Kernel::kGeneric}, {"gemm", Kernel::kGemm}};
+  for (const auto& [known, kernel] : kNames)
+    if (name == known) return product(x, packed, codebook, depth, in_features, kernel);
+  TORCH_CHECK(false, "tritllm: unknown CUDA kernel '", name,
+              "'; the kernels are xtable, lut, tile, generic and gemm");
 }
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(tritllm, m) {
+  // matmul by a named CUDA kernel (xtable, lut, tile, generic, gemm), for tests and benchmarks;
+  // raises if that kernel cannot run the call. CUDA only, inference only, no fake kernel.
+  m.def("_cuda_matmul_with(Tensor x, Tensor packed, Tensor codebook, int depth, int in_features,"
+        " str kernel) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(tritllm, CUDA, m) {
   m.impl("unpack", unpack_cuda);
   m.impl("matmul", matmul_cuda);
+  m.impl("_cuda_matmul_with", matmul_with_cuda);
 }
 
 }  // namespace cuda

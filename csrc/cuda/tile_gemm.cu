@@ -1,0 +1,412 @@
+// The prefill kernel: out [M, N] = x [M, K] @ W.T for tens to hundreds of tokens at depth 1 and 2,
+// a tiled tensor-core product that decodes the packed bytes in registers and never materializes
+// W. Measurements and the choice against the other paths: docs/KERNEL_NOTES.md, docs/PERF.md.
+//
+// Why another kernel. The decode kernel (lut_gemv.cu) keeps each warp's activations in registers
+// and re-reads the packed bytes once per 16 tokens; unpack + cuBLAS (gemm.cu) writes and re-reads
+// a dense copy of W (16 bits per weight). Here a block decodes each weight once per tile of up
+// to 64 tokens and meets it with all of them, so the bytes moved stay near the packed 3.5 bits
+// per weight and the work is the tensor cores'.
+//
+// Tiles. A block owns a tile of 128 rows of W x 64 (or 32) tokens and walks over K in runs of 256
+// weights (16 groups). For each run it stages, with cp.async, the tile's packed bytes
+// (128 x 112 bytes at d = 2) and the tokens' 256 activations (already put in slot order by
+// slot_order_kernel below) in one of kStages shared-memory buffers, kStages - 1 runs ahead.
+// Blocks are persistent (one per SM: the decode tables and three stages take ~210 KB) and take
+// tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
+// share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
+// alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
+// float32 partial products in split order (split_sums.cuh), so results are deterministic.
+//
+// Warps. Each of the 4 warps owns 32 rows of the tile: two 16-row slabs, the A operand of
+// mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows
+// g and g + 8 of a slab with lut::decode_group_pairs; one k-step holds 4 groups). The B operand,
+// 8 tokens x 16 slots, comes from the staged activations: lane 4g + t needs token g's values of
+// its own group, 32 bytes, which is why the activations are stored group by group in slot order,
+// group 4t + c of a run at position 4c + t (two 16-byte loads per lane and k-step quarter, from
+// 128 consecutive bytes for the four lanes of a token). A token's run is padded from 512 to 528
+// bytes so that the 8 lanes of each quarter-warp load hit 32 different banks.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "cp_async.cuh"
+#include "launchers.h"
+#include "lut_decode.cuh"
+#include "split_sums.cuh"
+
+namespace tritllm {
+namespace cuda {
+namespace {
+
+constexpr int kRunGroups = 16;                       // groups of one K-step of a tile
+constexpr int kRunWeights = kRunGroups * kGroupSize;  // 256
+constexpr int kGroupsPerLane = 4;                    // lane 4g+t decodes groups 4t..4t+3
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSlabsPerWarp = 2;                     // 16-row slabs: 32 rows per warp
+constexpr int kTileRows = kWarps * kSlabsPerWarp * 16;  // 256
+constexpr int kStages = 2;
+constexpr int kXRunBytes = kRunWeights * 2;     // one token's run of 16-bit activations
+constexpr int kXRowStride = kXRunBytes + 16;    // padded: conflict-free B loads (see above)
+
+__host__ __device__ constexpr int run_bytes(int depth) { return kRunGroups * bytes_per_group(depth); }
+__host__ __device__ constexpr int stage_bytes(int depth, int tile_tokens) {
+  return kTileRows * run_bytes(depth) + tile_tokens * kXRowStride;
+}
+constexpr size_t shared_bytes(int depth, int tile_tokens) {
+  return size_t(lut::kTableBytes) + size_t(kStages) * stage_bytes(depth, tile_tokens);
+}
+
+// x [tokens, in_features] -> slots [tokens, groups * 16]: each group's 16 values in the pair order
+// of lut::decode_group_pairs, group 4t + c of every run of 16 groups stored at position 4c + t,
+// zeros past in_features. One thread per (token, group).
+template <typename T>
+__global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots, int tokens,
+                                  int64_t in_features, int64_t groups, bool vector_loads) {
+  const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= tokens * groups) return;
+  const int64_t m = item / groups, group = item % groups;
+  const int64_t k0 = group * kGroupSize;
+  const T* src = x + m * in_features + k0;
+  uint32_t natural[8];
+  if (vector_loads && k0 + kGroupSize <= in_features) {
+    const uint4 a = reinterpret_cast<const uint4*>(src)[0];
+    const uint4 b = reinterpret_cast<const uint4*>(src)[1];
+    natural[0] = a.x, natural[1] = a.y, natural[2] = a.z, natural[3] = a.w;
+    natural[4] = b.x, natural[5] = b.y, natural[6] = b.z, natural[7] = b.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int64_t k = k0 + 2 * i;
+      const float lo = k < in_features ? to_float(src[2 * i]) : 0.f;
+      const float hi = k + 1 < in_features ? to_float(src[2 * i + 1]) : 0.f;
+      natural[i] = pack2<T>(lo, hi);
+    }
+  }
+  uint32_t slot[8];
+  lut::slot_order(natural, slot);
+  const int64_t within = group % kRunGroups;
+  const int64_t position = group - within + (within % 4) * 4 + within / 4;
+  uint4* dst = reinterpret_cast<uint4*>(slots + (m * groups + position) * kGroupSize);
+  dst[0] = make_uint4(slot[0], slot[1], slot[2], slot[3]);
+  dst[1] = make_uint4(slot[4], slot[5], slot[6], slot[7]);
+}
+
+struct TileParams {
+  const void* x_slots;       // [tokens, runs * 256] in slot order
+  const uint8_t* packed;     // [rows, runs * 16 * B]
+  const float* codebook;
+  void* out;                 // [tokens, rows]
+  float* split_sums;         // [splits, tokens, rows] when splits > 1
+  int codebook_size;
+  int tokens;
+  int64_t rows;
+  int runs;
+  int runs_per_split;
+  int token_tiles;
+  int row_tiles;
+  int tiles;                 // token_tiles * row_tiles * splits
+  int splits;
+};
+
+template <int DEPTH, typename T, int kTokenTiles>
+__global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams p) {
+  using P = lut::Pair<T>;
+  constexpr int kB = bytes_per_group(DEPTH);
+  constexpr int kRunBytes = run_bytes(DEPTH);
+  constexpr int kTileTokens = 8 * kTokenTiles;
+  constexpr int kWBytes = kTileRows * kRunBytes;
+  constexpr int kStageBytes = stage_bytes(DEPTH, kTileTokens);
+  constexpr int kLaneBytes = kGroupsPerLane * kB;  // 28 (d=2) or 16 (d=1) bytes per row
+  constexpr int kWords = kLaneBytes / 4;
+  constexpr int kWChunks = kWBytes / 16;
+  constexpr int kWRounds = (kWChunks + kThreads - 1) / kThreads;
+  constexpr int kXChunksPerToken = kXRunBytes / 16;
+  constexpr int kXRounds = kTileTokens * kXChunksPerToken / kThreads;
+  static_assert(kWBytes % 16 == 0 && kTileTokens * kXChunksPerToken % kThreads == 0, "tiling");
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* stages = smem + lut::kTableBytes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  // The block's work is a list of items (tile, run): tiles blockIdx.x, + gridDim.x, ..., and in
+  // each tile the runs of its split. Two cursors walk it: the consumer, and the copy issuer
+  // kStages - 1 items ahead. A cursor divides only when it enters a new tile.
+  struct Item {
+    int tile, token_tile, row_tile, split, first_run, runs, i;
+    int stage;
+  };
+  auto enter_tile = [&](Item& it, int tile) {
+    it.tile = tile;
+    it.i = 0;
+    if (tile >= p.tiles) return;
+    it.token_tile = tile % p.token_tiles;
+    const int rest = tile / p.token_tiles;
+    it.row_tile = rest % p.row_tiles;
+    it.split = rest / p.row_tiles;
+    it.first_run = it.split * p.runs_per_split;
+    it.runs = min(p.runs_per_split, p.runs - it.first_run);
+  };
+  auto advance = [&](Item& it) {
+    it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
+    if (++it.i == it.runs) enter_tile(it, it.tile + gridDim.x);
+  };
+
+  // Copy geometry, the same for every item: thread chunk c = threadIdx.x + kThreads * q.
+  const int64_t row_stride = int64_t(p.runs) * kRunBytes;
+  const int64_t x_stride = int64_t(p.runs) * kXRunBytes;
+  int w_row[kWRounds];
+  uint32_t w_src[kWRounds];  // < 2^31: tile_gemm_supports bounds the row length
+#pragma unroll
+  for (int q = 0; q < kWRounds; ++q) {
+    const int c = threadIdx.x + kThreads * q;
+    const int r = c / (kRunBytes / 16), col = c % (kRunBytes / 16);
+    w_row[q] = c < kWChunks ? r : kTileRows;  // kTileRows: no chunk
+    w_src[q] = uint32_t(r * row_stride + col * 16);
+  }
+  // Activation chunk c = threadIdx.x + kThreads * q is 16-byte column `lane` of token
+  // warp + kWarps * q (a token's run is 32 chunks, one per lane).
+  static_assert(kXChunksPerToken == 32, "one activation chunk per lane");
+  const int x_dst0 = kWBytes + warp * kXRowStride + lane * 16;
+  const int64_t x_src0 = warp * x_stride + lane * 16;
+  const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x_slots);
+  auto issue = [&](const Item& it) {
+    if (it.tile < p.tiles) {
+      const int run = it.first_run + it.i;
+      uint8_t* dst = stages + it.stage * kStageBytes;
+      const uint8_t* w_base = p.packed + int64_t(it.row_tile) * kTileRows * row_stride +
+                              int64_t(run) * kRunBytes;
+      const int64_t rows_left = p.rows - int64_t(it.row_tile) * kTileRows;
+#pragma unroll
+      for (int q = 0; q < kWRounds; ++q) {
+        if (w_row[q] < kTileRows) {
+          const bool valid = w_row[q] < rows_left;
+          cp_async_16(dst + 16 * (threadIdx.x + kThreads * q), valid ? w_base + w_src[q] : p.packed,
+                      valid);
+        }
+      }
+      const uint8_t* x_base =
+          x_bytes + int64_t(it.token_tile) * kTileTokens * x_stride + int64_t(run) * kXRunBytes;
+      const int tokens_left = p.tokens - it.token_tile * kTileTokens;
+#pragma unroll
+      for (int q = 0; q < kXRounds; ++q) {
+        const bool valid = warp + kWarps * q < tokens_left;
+        cp_async_16(dst + x_dst0 + q * kWarps * kXRowStride,
+                    valid ? x_base + x_src0 + q * kWarps * x_stride : x_bytes, valid);
+      }
+    }
+    cp_async_commit();  // one group per item, empty or not, so the wait count below holds
+  };
+
+  Item ahead{}, item{};
+  enter_tile(ahead, blockIdx.x);
+  enter_tile(item, blockIdx.x);
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    issue(ahead);
+    advance(ahead);
+  }
+  // The tables are built while the first copies are in flight.
+  lut::build_tables<DEPTH, T>(smem, p.codebook, p.codebook_size);
+  const uint32_t tables = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t lane_offset = lane * 8;
+
+  // acc[s][q]: rows (g, g, g+8, g+8) of slab s x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
+  float acc[kSlabsPerWarp][kTokenTiles][4];
+#pragma unroll
+  for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+    for (int q = 0; q < kTokenTiles; ++q)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[s][q][r] = 0.f;
+
+  for (; item.tile < p.tiles; advance(item)) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `item` have landed
+    __syncthreads();  // everyone's have; and everyone is done with the stage refilled next
+    issue(ahead);
+    advance(ahead);
+
+    const uint8_t* stage = stages + item.stage * kStageBytes;
+    uint32_t word[kSlabsPerWarp][2][kWords];  // this lane's bytes of rows g and g + 8 per slab
+#pragma unroll
+    for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* mine = stage + (warp * 32 + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
+        if constexpr (kLaneBytes % 16 == 0) {
+#pragma unroll
+          for (int q = 0; q < kWords / 4; ++q) {
+            const uint4 v = reinterpret_cast<const uint4*>(mine)[q];
+            word[s][h][4 * q] = v.x, word[s][h][4 * q + 1] = v.y;
+            word[s][h][4 * q + 2] = v.z, word[s][h][4 * q + 3] = v.w;
+          }
+        } else {
+#pragma unroll
+          for (int q = 0; q < kWords; ++q)
+            word[s][h][q] = reinterpret_cast<const uint32_t*>(mine)[q];
+        }
+      }
+    const uint8_t* x_lane = stage + kWBytes + g * kXRowStride + t * 32;
+#pragma unroll
+    for (int c = 0; c < kGroupsPerLane; ++c) {
+      uint32_t w[kSlabsPerWarp][2][8];  // decoded pairs of group 4t + c, rows g and g + 8
+#pragma unroll
+      for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, tables, w[s][h]);
+#pragma unroll
+      for (int q = 0; q < kTokenTiles; ++q) {
+        const uint4* src = reinterpret_cast<const uint4*>(x_lane + q * 8 * kXRowStride + c * 128);
+        const uint4 lo = src[0], hi = src[1];
+        const uint32_t xb[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int s = 0; s < kSlabsPerWarp; ++s)
+            P::mma(acc[s][q], w[s][0][2 * j], w[s][1][2 * j], w[s][0][2 * j + 1],
+                   w[s][1][2 * j + 1], xb[2 * j], xb[2 * j + 1]);
+      }
+    }
+
+    if (item.i == item.runs - 1) {  // the tile's last run: write its products
+      const int64_t row0 = int64_t(item.row_tile) * kTileRows + warp * 32;
+      const int token0 = item.token_tile * kTileTokens;
+#pragma unroll
+      for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+        for (int q = 0; q < kTokenTiles; ++q)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int64_t row = row0 + s * 16 + g + 8 * (r / 2);
+            const int token = token0 + 8 * q + 2 * t + r % 2;
+            if (row < p.rows && token < p.tokens) {
+              if (p.splits == 1)
+                static_cast<T*>(p.out)[token * p.rows + row] = from_float<T>(acc[s][q][r]);
+              else
+                p.split_sums[(int64_t(item.split) * p.tokens + token) * p.rows + row] =
+                    acc[s][q][r];
+            }
+            acc[s][q][r] = 0.f;
+          }
+    }
+  }
+  cp_async_wait<0>();
+}
+
+template <int DEPTH, typename T, int kTokenTiles>
+void launch(TileParams p, const at::Tensor& out) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles>;
+  constexpr int kTileTokens = 8 * kTokenTiles;
+  const size_t smem = shared_bytes(DEPTH, kTileTokens);
+  const int sms = props->multiProcessorCount;
+
+  p.token_tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
+  p.row_tiles = int((p.rows + kTileRows - 1) / kTileRows);
+  // Split K when there are too few tiles for the SMs: pick the split with the fewest runs per
+  // block, ceil(tiles / SMs) * runs per split; ties go to fewer splits (less partial traffic).
+  const int64_t base = int64_t(p.token_tiles) * p.row_tiles;
+  int64_t best_cost = INT64_MAX;
+  for (int splits = 1; splits <= p.runs; ++splits) {
+    const int per_split = (p.runs + splits - 1) / splits;
+    const int used = (p.runs + per_split - 1) / per_split;
+    const int64_t tiles = base * used;
+    const int64_t cost = (tiles + sms - 1) / sms * per_split;
+    if (cost < best_cost) {
+      best_cost = cost;
+      p.runs_per_split = per_split;
+      p.splits = used;
+    }
+    if (tiles >= 4 * sms) break;  // more splits only add partial sums
+  }
+  p.tiles = int(base * p.splits);
+
+  at::Tensor split_sums;
+  if (p.splits > 1) {
+    split_sums = at::empty({p.splits, p.tokens, p.rows}, out.options().dtype(at::kFloat));
+    p.split_sums = split_sums.data_ptr<float>();
+  }
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  kernel<<<std::min(p.tiles, sms), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    const int64_t count = int64_t(p.tokens) * p.rows;
+    sum_splits_kernel<T><<<(count + 255) / 256, 256, 0, stream>>>(
+        p.split_sums, static_cast<T*>(p.out), p.splits, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t groups) {
+  const int64_t items = x.size(0) * groups;
+  const bool vector_loads =
+      x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  slot_order_kernel<T><<<(items + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const T*>(x.data_ptr()), static_cast<T*>(slots.data_ptr()), int(x.size(0)),
+      x.size(1), groups, vector_loads);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int DEPTH, typename T>
+void run(TileParams p, const at::Tensor& x, int64_t groups, const at::Tensor& out) {
+  at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
+  put_in_slot_order<T>(x, slots, groups);
+  p.x_slots = slots.data_ptr();
+  // The smallest token tile that holds every token, up to 64.
+  if (p.tokens <= 8)
+    launch<DEPTH, T, 1>(p, out);
+  else if (p.tokens <= 16)
+    launch<DEPTH, T, 2>(p, out);
+  else if (p.tokens <= 32)
+    launch<DEPTH, T, 4>(p, out);
+  else
+    launch<DEPTH, T, 8>(p, out);
+}
+
+}  // namespace
+
+bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
+  if (depth != 1 && depth != 2) return false;
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
+  if (props->major < 8) return false;
+  if (shared_bytes(int(depth), 64) > props->sharedMemPerBlockOptin) return false;
+  const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
+  // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
+  // tile that fit 32 bits.
+  return groups % kRunGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+         packed.size(1) * kTileRows < (int64_t(1) << 31);
+}
+
+void tile_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+                    int64_t depth, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() &&
+                  out.size(0) == x.size(0) && out.size(1) == packed.size(0),
+              "tritllm: internal error: tile_gemm needs contiguous x [M, K], out [M, N]");
+  if (x.size(0) == 0 || packed.size(0) == 0) return;
+  const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
+  TileParams p{};
+  p.packed = packed.data_ptr<uint8_t>();
+  p.codebook = codebook.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.codebook_size = int(codebook.numel());
+  p.tokens = int(x.size(0));
+  p.rows = packed.size(0);
+  p.runs = int(groups / kRunGroups);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (depth == 1)
+    bf16 ? run<1, __nv_bfloat16>(p, x, groups, out) : run<1, __half>(p, x, groups, out);
+  else
+    bf16 ? run<2, __nv_bfloat16>(p, x, groups, out) : run<2, __half>(p, x, groups, out);
+}
+
+}  // namespace cuda
+}  // namespace tritllm
