@@ -50,7 +50,7 @@ sanitize() {
     > "$OUT/$tool.log" 2>&1
   note "$tool: rc=$? in $((SECONDS - start)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/$tool.log" | tail -1); $(grep -E 'passed|failed' "$OUT/$tool.log" | tail -1)"
 }
-has memcheck && sanitize memcheck "unpack or exact_data or corrupt or noncontiguous or empty or split_sums"
+has memcheck && sanitize memcheck "unpack or exact_data or corrupt or noncontiguous or empty"
 has racecheck && sanitize racecheck "exact_data and (lut or tile or generic or xtable)"
 
 if has profile; then

@@ -8,18 +8,17 @@
 // to 64 tokens and meets it with all of them, so the bytes moved stay near the packed 3.5 bits
 // per weight and the work is the tensor cores'.
 //
-// Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small) and
-// walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
-// tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256 activations (already put in
-// slot order by slot_order_kernel below) in one of two shared-memory buffers, one run ahead.
-// Blocks are persistent (one per SM: the decode tables and two stages take ~197 KB) and take
+// Tiles. A block owns a tile of 128 rows of W x 64 (or 32) tokens and walks over K in runs of 256
+// weights (16 groups). For each run it stages, with cp.async, the tile's packed bytes
+// (128 x 112 bytes at d = 2) and the tokens' 256 activations (already put in slot order by
+// slot_order_kernel below) in one of kStages shared-memory buffers, kStages - 1 runs ahead.
+// Blocks are persistent (one per SM: the decode tables and three stages take ~210 KB) and take
 // tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
 // share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
-// alone would leave SMs idle (N small, K large), K is also split, and the block that finishes an
-// output tile's last split adds the float32 partial products in split order (split_sums.cuh), so
-// results are deterministic.
+// alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
+// float32 partial products in split order (split_sums.cuh), so results are deterministic.
 //
-// Warps. Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand of
+// Warps. Each of the 4 warps owns 32 rows of the tile: two 16-row slabs, the A operand of
 // mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows
 // g and g + 8 of a slab with lut::decode_group_pairs; one k-step holds 4 groups). The B operand,
 // 8 tokens x 16 slots, comes from the staged activations: lane 4g + t needs token g's values of
@@ -27,13 +26,6 @@
 // group 4t + c of a run at position 4c + t (two 16-byte loads per lane and k-step quarter, from
 // 128 consecutive bytes for the four lanes of a token). A token's run is padded from 512 to 528
 // bytes so that the 8 lanes of each quarter-warp load hit 32 different banks.
-//
-// Why these sizes (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let each
-// activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with three
-// stages (28672x4096 at M = 64: 84 against 104 us); the registers (~220 per thread) allow no more.
-// The decode costs ~70 instructions per group of 16 weights and dominates at M <= 64 (ncu: tensor
-// pipe 36% busy at M = 64), and a tile re-decodes its weights for every 64 tokens, so from about
-// M = 256 on, unpack + cuBLAS is faster.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -109,8 +101,6 @@ struct TileParams {
   const float* codebook;
   void* out;                 // [tokens, rows]
   float* split_sums;         // [splits, tokens, rows] when splits > 1
-  unsigned* counters;        // [token_tiles * row_tiles] zeroed arrival counters, or nullptr:
-                             // then a second kernel adds the splits
   int codebook_size;
   int tokens;
   int64_t rows;
@@ -139,7 +129,6 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
   static_assert(kWBytes % 16 == 0 && kTileTokens * kXChunksPerToken % kThreads == 0, "tiling");
 
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ bool last_split;  // this block wrote the last split of its output tile
   uint8_t* stages = smem + lut::kTableBytes;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -304,26 +293,6 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
             }
             acc[s][q][r] = 0.f;
           }
-      // With K split, the block that writes the last split of this output tile adds them all,
-      // in split order (split_sums.cuh), once every block's partials are visible.
-      if (p.splits > 1 && p.counters != nullptr) {
-        __threadfence();
-        __syncthreads();
-        const int out_tile = item.tile - item.split * p.token_tiles * p.row_tiles;
-        if (threadIdx.x == 0) last_split = arrive_last(p.counters + out_tile, unsigned(p.splits));
-        __syncthreads();
-        if (last_split) {
-          const int64_t tile_row0 = int64_t(item.row_tile) * kTileRows;
-          const int64_t count = int64_t(p.tokens) * p.rows;
-          for (int e = threadIdx.x; e < kTileTokens * kTileRows; e += kThreads) {
-            const int token = token0 + e / kTileRows;
-            const int64_t row = tile_row0 + e % kTileRows;
-            if (token < p.tokens && row < p.rows)
-              sum_splits_at<T>(p.split_sums, static_cast<T*>(p.out), p.splits, count,
-                               token * p.rows + row);
-          }
-        }
-      }
     }
   }
   cp_async_wait<0>();
@@ -361,14 +330,13 @@ void launch(TileParams p, const at::Tensor& out) {
   if (p.splits > 1) {
     split_sums = at::empty({p.splits, p.tokens, p.rows}, out.options().dtype(at::kFloat));
     p.split_sums = split_sums.data_ptr<float>();
-    p.counters = arrival_counters(base);
   }
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   auto stream = at::cuda::getCurrentCUDAStream();
   kernel<<<std::min(p.tiles, sms), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1 && p.counters == nullptr) {
+  if (p.splits > 1) {
     const int64_t count = int64_t(p.tokens) * p.rows;
     sum_splits_kernel<T><<<(count + 255) / 256, 256, 0, stream>>>(
         p.split_sums, static_cast<T*>(p.out), p.splits, count);
@@ -410,7 +378,7 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
   if (props->major < 8) return false;
-  if (shared_bytes(int(depth), 64) + 64 > props->sharedMemPerBlockOptin) return false;
+  if (shared_bytes(int(depth), 64) > props->sharedMemPerBlockOptin) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.

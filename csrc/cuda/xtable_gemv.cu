@@ -20,9 +20,8 @@
 // each lane needs the tables of its own group only. A block builds the tables of one window in
 // shared memory and its warps take batches of 8 rows from a shared counter; each lane computes
 // scale * dot of its group for the 8 rows, and a butterfly of shuffles adds the 32 groups of
-// each row. Window partial sums go to a float32 buffer [windows, N]; the block that computes
-// the last window of a batch of rows adds them in window order at its end (split_sums.cuh):
-// deterministic, so CUDA-graph replays equal eager calls.
+// each row. Window partial sums go to a float32 buffer [windows, N] that a second kernel adds
+// in window order (split_sums.cuh): deterministic, so CUDA-graph replays equal eager calls.
 // Blocks are persistent (one per SM: the tables take 128 KB) and own a contiguous range of
 // (window, batch) items, so a block rebuilds its tables once or twice per call.
 //
@@ -68,8 +67,6 @@ struct XTableParams {
   const uint8_t* packed;    // [N, G * B], rows 8-byte aligned
   const float* codebook;
   float* partial;           // [windows, N]
-  void* out;                // [N]
-  unsigned* counters;       // [batches] zeroed arrival counters, or nullptr: a second kernel adds
   int codebook_size;
   int64_t rows;
   int64_t in_features;
@@ -300,21 +297,6 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
     }
     item = int64_t(window) * p.batches + end;
   }
-
-  // The window sums of the batches whose last window this block computed: once this block's
-  // partials are visible, count its (window, batch) items, one per thread, and let the last
-  // window of each batch add the windows' partials of its 8 rows (split_sums.cuh).
-  if (p.counters != nullptr) {
-    __threadfence();
-    __syncthreads();
-    for (int64_t item = first + threadIdx.x; item < last; item += blockDim.x) {
-      const int64_t batch = item % p.batches;
-      if (!arrive_last(p.counters + batch, unsigned(p.windows))) continue;
-      const int64_t end_row = min(p.rows, (batch + 1) * kBatchRows);
-      for (int64_t row = batch * kBatchRows; row < end_row; ++row)
-        sum_splits_at<T>(p.partial, static_cast<T*>(p.out), p.windows, p.rows, row);
-    }
-  }
 }
 
 template <int DEPTH, typename T>
@@ -324,19 +306,15 @@ void launch(const XTableParams& p_in, const at::Tensor& out) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   at::Tensor partial = at::empty({p.windows, p.rows}, out.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.counters = arrival_counters(p.batches);
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
   const int grid = int(std::min<int64_t>(p.items, props->multiProcessorCount));
   auto stream = at::cuda::getCurrentCUDAStream();
   kernel<<<grid, kThreads, kSharedBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.counters == nullptr) {
-    sum_splits_kernel<T><<<(p.rows + 255) / 256, 256, 0, stream>>>(
-        p.partial, static_cast<T*>(out.data_ptr()), p.windows, p.rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  sum_splits_kernel<T><<<(p.rows + 255) / 256, 256, 0, stream>>>(
+      p.partial, static_cast<T*>(out.data_ptr()), p.windows, p.rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int DEPTH>
