@@ -38,10 +38,10 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
 void xtable_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                       int64_t depth, const at::Tensor& out);
 
-// The prefill kernel: tiles of 128 rows x 64 tokens, weights decoded in registers as in lut_gemv
+// The batch kernel: tiles of 256 rows x 64 tokens, weights decoded in registers as in lut_gemv
 // and tensor-core products, for depth 1 and 2, float16/bfloat16 x, any M (chosen by register.cu
-// for M from 17 to kTileMaxTokens). tile_gemm_supports says whether it can run the call (shapes,
-// alignment, ~210 KB of shared memory per block).                                tile_gemm.cu
+// for M from 2 to kTileMaxTokens). tile_gemm_supports says whether it can run the call (shapes,
+// alignment, ~197 KB of shared memory per block).                                tile_gemm.cu
 bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
 void tile_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                     int64_t depth, const at::Tensor& out);

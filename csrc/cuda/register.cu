@@ -30,9 +30,12 @@ namespace cuda {
 namespace {
 
 // Above these many tokens cuBLAS on an unpacked W beats decoding the packed bytes once per tile of
-// 64 tokens (tile_gemm; measured crossover between 128 and 256 on three of the four 8B shapes) or
-// once per slice of 16 tokens (lut_gemv).
+// 64 tokens (tile_gemm) or once per slice of 16 tokens (lut_gemv). tile_gemm's limit grows with
+// the matrix: cuBLAS wins at M = 192 on 6144x4096 and 4096x4096 (25M and 17M weights), tile_gemm
+// up to M = 192 on 28672x4096 and up to M = 256 on 4096x14336 (117M and 59M).
+constexpr int64_t kTileMaxTokensSmall = 128;
 constexpr int64_t kTileMaxTokens = 192;
+constexpr int64_t kTileLargeWeights = int64_t(32) << 20;
 constexpr int64_t kLutFusedMaxTokens = 48;
 
 at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
@@ -71,8 +74,10 @@ bool can_run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, int64
 // The heuristic (measurements: docs/PERF.md, "GPU").
 Kernel choose(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
   const int64_t tokens = x.size(0);
+  const int64_t tile_max_tokens =
+      packed.size(0) * x.size(1) >= kTileLargeWeights ? kTileMaxTokens : kTileMaxTokensSmall;
   if (tokens == 1 && can_run(Kernel::kXtable, x, packed, depth)) return Kernel::kXtable;
-  if (tokens <= kTileMaxTokens && can_run(Kernel::kTile, x, packed, depth)) return Kernel::kTile;
+  if (tokens <= tile_max_tokens && can_run(Kernel::kTile, x, packed, depth)) return Kernel::kTile;
   if (tokens <= kLutFusedMaxTokens && can_run(Kernel::kLut, x, packed, depth)) return Kernel::kLut;
   if (tokens <= kGenericMaxTokens) return Kernel::kGeneric;
   return Kernel::kGemm;

@@ -1,4 +1,4 @@
-// The prefill kernel: out [M, N] = x [M, K] @ W.T for tens to hundreds of tokens at depth 1 and 2,
+// The batch kernel: out [M, N] = x [M, K] @ W.T for 2 to a few hundred tokens at depth 1 and 2,
 // a tiled tensor-core product that decodes the packed bytes in registers and never materializes
 // W. Measurements and the choice against the other paths: docs/KERNEL_NOTES.md, docs/PERF.md.
 //
@@ -8,17 +8,17 @@
 // to 64 tokens and meets it with all of them, so the bytes moved stay near the packed 3.5 bits
 // per weight and the work is the tensor cores'.
 //
-// Tiles. A block owns a tile of 128 rows of W x 64 (or 32) tokens and walks over K in runs of 256
-// weights (16 groups). For each run it stages, with cp.async, the tile's packed bytes
-// (128 x 112 bytes at d = 2) and the tokens' 256 activations (already put in slot order by
-// slot_order_kernel below) in one of kStages shared-memory buffers, kStages - 1 runs ahead.
-// Blocks are persistent (one per SM: the decode tables and three stages take ~210 KB) and take
+// Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small) and
+// walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
+// tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256 activations (already put in
+// slot order by slot_order_kernel below) in one of two shared-memory buffers, one run ahead.
+// Blocks are persistent (one per SM: the decode tables and two stages take ~197 KB) and take
 // tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
 // share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
 // alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
 // float32 partial products in split order (split_sums.cuh), so results are deterministic.
 //
-// Warps. Each of the 4 warps owns 32 rows of the tile: two 16-row slabs, the A operand of
+// Warps. Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand of
 // mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows
 // g and g + 8 of a slab with lut::decode_group_pairs; one k-step holds 4 groups). The B operand,
 // 8 tokens x 16 slots, comes from the staged activations: lane 4g + t needs token g's values of
@@ -26,6 +26,13 @@
 // group 4t + c of a run at position 4c + t (two 16-byte loads per lane and k-step quarter, from
 // 128 consecutive bytes for the four lanes of a token). A token's run is padded from 512 to 528
 // bytes so that the 8 lanes of each quarter-warp load hit 32 different banks.
+//
+// Why these sizes (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let each
+// activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with three
+// stages (28672x4096 at M = 64: 84 against 104 us); the registers (~220 per thread) allow no more.
+// The decode costs ~70 instructions per group of 16 weights and dominates at M <= 64 (ncu: tensor
+// pipe 36% busy at M = 64), and a tile re-decodes its weights for every 64 tokens, so from about
+// M = 192 on, unpack + cuBLAS is about as fast or faster.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

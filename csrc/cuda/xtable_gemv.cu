@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
   __shared__ int next_batch;  // of the block's current window
   const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
   const uint32_t region_a = (start + kRegionBytes - 1) & ~(kRegionBytes - 1);
-  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const LaneTables tables(region_a, lane);
   constexpr int kGroupBytes = bytes_per_group(DEPTH);
   const bool two_words = DEPTH == 2 && ((kGroupBytes * lane) & 7) >= 2;
@@ -241,17 +241,12 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
   // This block's items (window * batches + batch): a contiguous share of all of them.
   const int64_t first = p.items * blockIdx.x / gridDim.x;
   const int64_t last = p.items * (blockIdx.x + 1) / gridDim.x;
-  build_scale_table(p, region_a);
 
   for (int64_t item = first; item < last;) {
     const int window = int(item / p.batches);
+    const int begin = int(item - int64_t(window) * p.batches);
     const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
-    __syncthreads();  // the last window's batches are done with the tables
-    build_x_tables<T>(p, window, region_a);
-    if (threadIdx.x == 0) next_batch = int(item - int64_t(window) * p.batches);
-    __syncthreads();
     const float x15 = x_at<T>(p, (int64_t(window) * kWindowGroups + lane) * kGroupSize + 15);
-
     const uint8_t* window_bytes = p.packed + int64_t(window) * kWindowGroups * kGroupBytes +
                                   ((kGroupBytes * lane) & ~7);
     float* window_out = p.partial + int64_t(window) * p.rows;
@@ -281,9 +276,16 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
       const int64_t row = int64_t(batch) * kBatchRows + ((lane >> 2) & 7);
       if ((lane & 3) == 0 && row < p.rows) window_out[row] = sum;
     };
+    // Each warp's first batch of the window is fixed (begin + warp), so that its bytes are in
+    // flight while the tables are built; the others come from the shared counter.
     GroupBytes a[kBatchRows], b[kBatchRows];
-    int batch = take();
+    int batch = begin + warp;
+    __syncthreads();  // the last window's batches are done with the tables and the counter
     load(batch, a);
+    if (item == first) build_scale_table(p, region_a);
+    build_x_tables<T>(p, window, region_a);
+    if (threadIdx.x == 0) next_batch = begin + kWarps;
+    __syncthreads();
     while (batch < end) {
       int following = take();
       load(following, b);
