@@ -51,10 +51,8 @@ namespace {
 constexpr int kRunGroups = 16;                       // groups of one K-step of a tile
 constexpr int kRunWeights = kRunGroups * kGroupSize;  // 256
 constexpr int kGroupsPerLane = 4;                    // lane 4g+t decodes groups 4t..4t+3
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kSlabsPerWarp = 2;                     // 16-row slabs: 32 rows per warp
-constexpr int kTileRows = kWarps * kSlabsPerWarp * 16;  // 256
+constexpr int kTileRows = 256;  // 16 warps of one 16-row slab each, or 8 warps of two
+__host__ __device__ constexpr int warps_for(int slabs_per_warp) { return kTileRows / 16 / slabs_per_warp; }
 constexpr int kStages = 2;
 constexpr int kXRunBytes = kRunWeights * 2;     // one token's run of 16-bit activations
 constexpr int kXRowStride = kXRunBytes + 16;    // padded: conflict-free B loads (see above)
@@ -119,9 +117,13 @@ struct TileParams {
   int splits;
 };
 
-template <int DEPTH, typename T, int kTokenTiles>
-__global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams p) {
+template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp>
+__global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
+    tile_gemm_kernel(const TileParams p) {
   using P = lut::Pair<T>;
+  constexpr int kWarps = warps_for(kSlabsPerWarp);
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kWarpRows = 16 * kSlabsPerWarp;
   constexpr int kB = bytes_per_group(DEPTH);
   constexpr int kRunBytes = run_bytes(DEPTH);
   constexpr int kTileTokens = 8 * kTokenTiles;
@@ -132,8 +134,8 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
   constexpr int kWChunks = kWBytes / 16;
   constexpr int kWRounds = (kWChunks + kThreads - 1) / kThreads;
   constexpr int kXChunksPerToken = kXRunBytes / 16;
-  constexpr int kXRounds = kTileTokens * kXChunksPerToken / kThreads;
-  static_assert(kWBytes % 16 == 0 && kTileTokens * kXChunksPerToken % kThreads == 0, "tiling");
+  constexpr int kXRounds = (kTileTokens * kXChunksPerToken + kThreads - 1) / kThreads;
+  static_assert(kWBytes % 16 == 0, "whole 16-byte chunks");
 
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* stages = smem + lut::kTableBytes;
@@ -201,7 +203,9 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
       const int tokens_left = p.tokens - it.token_tile * kTileTokens;
 #pragma unroll
       for (int q = 0; q < kXRounds; ++q) {
-        const bool valid = warp + kWarps * q < tokens_left;
+        const int token = warp + kWarps * q;  // of the tile
+        if (kXRounds * kWarps > kTileTokens && token >= kTileTokens) break;
+        const bool valid = token < tokens_left;
         cp_async_16(dst + x_dst0 + q * kWarps * kXRowStride,
                     valid ? x_base + x_src0 + q * kWarps * x_stride : x_bytes, valid);
       }
@@ -243,7 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
     for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint8_t* mine = stage + (warp * 32 + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
+        const uint8_t* mine =
+            stage + (warp * kWarpRows + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
         if constexpr (kLaneBytes % 16 == 0) {
 #pragma unroll
           for (int q = 0; q < kWords / 4; ++q) {
@@ -281,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
     }
 
     if (item.i == item.runs - 1) {  // the tile's last run: write its products
-      const int64_t row0 = int64_t(item.row_tile) * kTileRows + warp * 32;
+      const int64_t row0 = int64_t(item.row_tile) * kTileRows + warp * kWarpRows;
       const int token0 = item.token_tile * kTileTokens;
 #pragma unroll
       for (int s = 0; s < kSlabsPerWarp; ++s)
@@ -305,10 +310,11 @@ __global__ void __launch_bounds__(kThreads, 1) tile_gemm_kernel(const TileParams
   cp_async_wait<0>();
 }
 
-template <int DEPTH, typename T, int kTokenTiles>
+template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp>
 void launch(TileParams p, const at::Tensor& out) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles>;
+  auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles, kSlabsPerWarp>;
+  constexpr int kThreads = warps_for(kSlabsPerWarp) * 32;
   constexpr int kTileTokens = 8 * kTokenTiles;
   const size_t smem = shared_bytes(DEPTH, kTileTokens);
   const int sms = props->multiProcessorCount;
@@ -367,15 +373,16 @@ void run(TileParams p, const at::Tensor& x, int64_t groups, const at::Tensor& ou
   at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
   put_in_slot_order<T>(x, slots, groups);
   p.x_slots = slots.data_ptr();
-  // The smallest token tile that holds every token, up to 64.
+  // The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers
+  // allow 16 warps of one slab each (more latency hidden); above, 8 warps of two slabs.
   if (p.tokens <= 8)
-    launch<DEPTH, T, 1>(p, out);
+    launch<DEPTH, T, 1, 1>(p, out);
   else if (p.tokens <= 16)
-    launch<DEPTH, T, 2>(p, out);
+    launch<DEPTH, T, 2, 1>(p, out);
   else if (p.tokens <= 32)
-    launch<DEPTH, T, 4>(p, out);
+    launch<DEPTH, T, 4, 1>(p, out);
   else
-    launch<DEPTH, T, 8>(p, out);
+    launch<DEPTH, T, 8, 2>(p, out);
 }
 
 }  // namespace
