@@ -340,22 +340,14 @@ void launch(LutParams p, const at::Tensor& out) {
   const int grid = int(std::min<int64_t>(p.tiles, capacity));
   const size_t smem = shared_bytes(DEPTH, p.warps, best_r);
 
-  at::Tensor split_sums;
-  if (p.splits > 1) {
-    split_sums = at::empty({p.splits, p.tokens, p.rows}, out.options().dtype(at::kFloat));
-    p.split_sums = split_sums.data_ptr<float>();
-  }
+  const at::Tensor partials = split_partials(p.splits, out);
+  if (partials.defined()) p.split_sums = partials.data_ptr<float>();
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   auto stream = at::cuda::getCurrentCUDAStream();
   kernel<<<grid, threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.splits > 1) {
-    const int64_t count = int64_t(p.tokens) * p.rows;
-    sum_splits_kernel<T><<<(count + 255) / 256, 256, 0, stream>>>(
-        p.split_sums, static_cast<T*>(p.out), p.splits, count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  add_split_partials<T>(partials, out, stream);
 }
 
 template <int DEPTH, typename T>

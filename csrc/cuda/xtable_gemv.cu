@@ -306,7 +306,8 @@ void launch(const XTableParams& p_in, const at::Tensor& out) {
   XTableParams p = p_in;
   auto kernel = xtable_gemv_kernel<DEPTH, T>;
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  at::Tensor partial = at::empty({p.windows, p.rows}, out.options().dtype(at::kFloat));
+  // Window partials, even for one window: the kernel never writes `out`.
+  const at::Tensor partial = at::empty({p.windows, p.rows}, out.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
@@ -314,9 +315,7 @@ void launch(const XTableParams& p_in, const at::Tensor& out) {
   auto stream = at::cuda::getCurrentCUDAStream();
   kernel<<<grid, kThreads, kSharedBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_splits_kernel<T><<<(p.rows + 255) / 256, 256, 0, stream>>>(
-      p.partial, static_cast<T*>(out.data_ptr()), p.windows, p.rows);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  add_split_partials<T>(partial, out, stream);
 }
 
 template <int DEPTH>
