@@ -5,7 +5,7 @@
     tritllm info DIR                                 format, depth, bits/weight, size vs FP16
     tritllm generate DIR --prompt "..."              stream tokens, print tokens/s
     tritllm demo                                     build, quantize, reload, generate: no download
-    tritllm bench {cpu,gpu,e2e} [ARGS...]            run a benchmark of bench/
+    tritllm bench {cpu,gpu,kernels,e2e} [ARGS...]    run a benchmark of bench/
 
 Each subcommand is a thin layer over the library (checkpoint.convert / info, generate.Generator,
 demo.run_demo): the work and its checks live there. Errors about the user's input (ValueError,
@@ -26,7 +26,8 @@ import torch
 from . import checkpoint
 from .generate import Generator, max_len_for, unsupported_reason
 
-BENCH_SCRIPTS = {"cpu": "cpu_bench.py", "gpu": "gpu_bench.py", "e2e": "e2e_bench.py"}
+BENCH_SCRIPTS = {"cpu": "cpu_bench.py", "gpu": "gpu_bench.py", "kernels": "gpu_kernels.py",
+                 "e2e": "e2e_bench.py"}
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
@@ -380,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark of bench/ (table, JSON, plot)",
-                       description="Run bench/cpu_bench.py, bench/gpu_bench.py or "
+                       description="Run bench/cpu_bench.py, bench/gpu_bench.py, "
+                       "bench/gpu_kernels.py (every CUDA kernel on every product) or "
                        "bench/e2e_bench.py with the arguments that follow (try `tritllm bench "
                        "e2e --help`).")
     p.add_argument("name", choices=sorted(BENCH_SCRIPTS))
