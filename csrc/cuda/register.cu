@@ -4,15 +4,15 @@
 // docs/PERF.md, "GPU", has the table behind these rules):
 //   * xtable_gemv depth 1-2, one token, whole 512-weight windows (G % 32 == 0): lookup tables
 //                 of activation sums, the fastest per weight at M = 1 (docs/KERNEL_NOTES.md);
-//   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), 2 to
-//                 kTileMaxTokens tokens, GPUs with ~200 KB of shared memory per block (Hopper):
-//                 weights decoded in registers once per tile of up to 64 tokens, tensor-core
-//                 products. Faster than lut_gemv from M = 2 or 4 on, up to 2x on 4096x14336;
+//   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), 2 to 128
+//                 tokens (192 on matrices of 32M weights or more), GPUs with ~200 KB of shared
+//                 memory per block (Hopper): weights decoded in registers once per tile of up
+//                 to 64 tokens, tensor-core products. Faster than lut_gemv from M = 2-4 on (up
+//                 to 2x on 4096x14336) and than unpack + cuBLAS up to M = 128-192;
 //   * lut_gemv    the same conditions on GPUs where tile_gemm cannot run, up to
 //                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
-//   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS; from
-//                 about M = 256 on it beats decoding the packed bytes once per 64 tokens.
+//   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
