@@ -88,9 +88,10 @@ void run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, const at:
   switch (kernel) {
     case Kernel::kXtable: return xtable_gemv_into(x, packed, codebook, depth, out);
     case Kernel::kLut:
-      return by_token_slices(x, out, kLutMaxTokens, [&](const at::Tensor& xs, const at::Tensor& os) {
-        lut_gemv_into(xs, packed, codebook, depth, os);
-      });
+      return by_token_slices(x, out, kLutMaxTokens,
+                             [&](const at::Tensor& xs, const at::Tensor& os) {
+                               lut_gemv_into(xs, packed, codebook, depth, os);
+                             });
     case Kernel::kTile: return tile_gemm_into(x, packed, codebook, depth, out);
     case Kernel::kGeneric: return generic_gemv_into(x, packed, codebook, depth, out);
     case Kernel::kGemm: return unpack_gemm_into(x, packed, codebook, depth, out);

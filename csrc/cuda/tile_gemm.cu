@@ -52,12 +52,16 @@ constexpr int kRunGroups = 16;                       // groups of one K-step of 
 constexpr int kRunWeights = kRunGroups * kGroupSize;  // 256
 constexpr int kGroupsPerLane = 4;                    // lane 4g+t decodes groups 4t..4t+3
 constexpr int kTileRows = 256;  // 16 warps of one 16-row slab each, or 8 warps of two
-__host__ __device__ constexpr int warps_for(int slabs_per_warp) { return kTileRows / 16 / slabs_per_warp; }
+__host__ __device__ constexpr int warps_for(int slabs_per_warp) {
+  return kTileRows / 16 / slabs_per_warp;
+}
 constexpr int kStages = 2;
 constexpr int kXRunBytes = kRunWeights * 2;     // one token's run of 16-bit activations
 constexpr int kXRowStride = kXRunBytes + 16;    // padded: conflict-free B loads (see above)
 
-__host__ __device__ constexpr int run_bytes(int depth) { return kRunGroups * bytes_per_group(depth); }
+__host__ __device__ constexpr int run_bytes(int depth) {
+  return kRunGroups * bytes_per_group(depth);
+}
 __host__ __device__ constexpr int stage_bytes(int depth, int tile_tokens) {
   return kTileRows * run_bytes(depth) + tile_tokens * kXRowStride;
 }
