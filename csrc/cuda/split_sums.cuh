@@ -1,6 +1,6 @@
 // The second kernel of a split-K product: out[i] = sum over splits s of partial[s][i], added in
 // split order (deterministic, so CUDA-graph replays equal eager calls bit for bit) and rounded
-// once to the output type. Used by lut_gemv.cu and xtable_gemv.cu.
+// once to the output type. Used by lut_gemv.cu, tile_gemm.cu and xtable_gemv.cu.
 #pragma once
 
 #include <ATen/ATen.h>
