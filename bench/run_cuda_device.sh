@@ -50,8 +50,8 @@ sanitize() {
     > "$OUT/$tool.log" 2>&1
   note "$tool: rc=$? in $((SECONDS - start)) s: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/$tool.log" | tail -1); $(grep -E 'passed|failed' "$OUT/$tool.log" | tail -1)"
 }
-has memcheck && sanitize memcheck "unpack or exact_data or corrupt or noncontiguous or empty"
-has racecheck && sanitize racecheck "exact_data and (lut or tile or generic or xtable)"
+has memcheck && sanitize memcheck "unpack or exact_data or corrupt or noncontiguous or empty or (cat and not graph)"
+has racecheck && sanitize racecheck "(exact_data and (lut or tile or generic or xtable)) or (cat and equals)"
 
 if has profile; then
   for shape in ${PROFILE_SHAPES:-28672,4096,1 28672,4096,16 28672,4096,64}; do

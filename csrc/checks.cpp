@@ -26,6 +26,12 @@ void check_weight_args(const at::Tensor& packed, const at::Tensor& codebook, int
               " but packed is on ", packed.device());
 }
 
+void check_weight_lists(at::TensorList packed, at::TensorList codebook) {
+  TORCH_CHECK(!packed.empty(), "tritllm: matmul_cat needs at least one weight, got none");
+  TORCH_CHECK(codebook.size() == packed.size(), "tritllm: matmul_cat needs one codebook per "
+              "packed weight, got ", packed.size(), " packed and ", codebook.size(), " codebooks");
+}
+
 void check_output_dtype(c10::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "tritllm: dtype must be float32, float16 or bfloat16, got ", dtype);

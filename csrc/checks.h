@@ -17,6 +17,9 @@ void check_weight_args(const at::Tensor& packed, const at::Tensor& codebook, int
 // x: float32/float16/bfloat16 [..., in_features] on packed's device.
 void check_activation(const at::Tensor& x, const at::Tensor& packed, int64_t in_features);
 
+// The weight lists of matmul_cat: as many codebooks as packed weights, at least one.
+void check_weight_lists(at::TensorList packed, at::TensorList codebook);
+
 // dtype of a dense output: float32, float16 or bfloat16.
 void check_output_dtype(c10::ScalarType dtype);
 

@@ -6,7 +6,12 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
 
 namespace tritllm {
 
@@ -16,6 +21,12 @@ TORCH_LIBRARY(tritllm, m) {
         " -> Tensor");
   // x [..., in_features] @ W.T -> [..., N] in x's dtype, accumulated in float32.
   m.def("matmul(Tensor x, Tensor packed, Tensor codebook, int depth, int in_features) -> Tensor");
+  // The products of several weights that share x, depth and in_features (q, k and v; gate and
+  // up), side by side: [..., N_1 + N_2 + ...], the same numbers as cat([matmul(x, W_i)], -1)
+  // up to float rounding. A device may run them together (CUDA: one launch at M = 1, one cuBLAS
+  // product for many tokens); see csrc/cuda/register.cu.
+  m.def("matmul_cat(Tensor x, Tensor[] packed, Tensor[] codebook, int depth, int in_features)"
+        " -> Tensor");
 }
 
 // Inference only. Without an autograd kernel PyTorch would return an output with no grad_fn and
@@ -34,6 +45,20 @@ at::Tensor matmul_autograd(const at::Tensor& x, const at::Tensor& packed,
   return op.call(x, packed, codebook, depth, in_features);
 }
 
+at::Tensor matmul_cat_autograd(const at::Tensor& x, at::TensorList packed,
+                              at::TensorList codebook, int64_t depth, int64_t in_features) {
+  bool codebook_grad = false;
+  for (const at::Tensor& c : codebook) codebook_grad = codebook_grad || c.requires_grad();
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || codebook_grad)),
+              "tritllm.matmul_cat is inference-only: x requires grad under grad mode. Wrap the "
+              "call in torch.no_grad() / torch.inference_mode(), or detach x.");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tritllm::matmul_cat", "")
+                       .typed<decltype(matmul_cat_autograd)>();
+  return op.call(x, packed, codebook, depth, in_features);
+}
+
 at::Tensor unpack_autograd(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
                            int64_t in_features, c10::ScalarType dtype) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && codebook.requires_grad()),
@@ -45,10 +70,31 @@ at::Tensor unpack_autograd(const at::Tensor& packed, const at::Tensor& codebook,
   return op.call(packed, codebook, depth, in_features, dtype);
 }
 
+// matmul_cat on any device without a kernel of its own (the CPU): one matmul per weight.
+at::Tensor matmul_cat_each(const at::Tensor& x, at::TensorList packed, at::TensorList codebook,
+                           int64_t depth, int64_t in_features) {
+  check_weight_lists(packed, codebook);
+  static auto matmul = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("tritllm::matmul", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, int64_t, int64_t)>();
+  std::vector<at::Tensor> parts;
+  for (size_t i = 0; i < packed.size(); ++i)
+    parts.push_back(matmul.call(x, packed[i], codebook[i], depth, in_features));
+  return at::cat(parts, -1);
+}
+
 }  // namespace
+
+// Devices with a matmul_cat kernel of their own (CUDA) register it for their key, which takes
+// precedence over this one.
+TORCH_LIBRARY_IMPL(tritllm, CompositeExplicitAutograd, m) {
+  m.impl("matmul_cat", matmul_cat_each);
+}
 
 TORCH_LIBRARY_IMPL(tritllm, Autograd, m) {
   m.impl("matmul", matmul_autograd);
+  m.impl("matmul_cat", matmul_cat_autograd);
   m.impl("unpack", unpack_autograd);
 }
 

@@ -382,6 +382,36 @@ def test_opcheck(kernel):
         torch.library.opcheck(torch.ops.tritllm.unpack, (packed, codebook, depth, k, dtype))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matmul_cat_equals_separate_products(kernel):
+    use_kernel(kernel)
+    ws = [Weight(n, 37, 2, codebook_size=c, seed=n) for n, c in ((9, 27), (4, 3), (1, 27))]
+    x = torch.randn(2, 3, 37).bfloat16()
+    y = ops.matmul_cat(x, ws)
+    assert y.shape == (2, 3, 14) and y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.cat([ops.matmul(x, w) for w in ws], -1))
+    torch.library.opcheck(torch.ops.tritllm.matmul_cat,
+                          (x[0], [w.packed for w in ws], [w.codebook for w in ws], 2, 37))
+    meta = torch.ops.tritllm.matmul_cat(x.to("meta"), [w.packed.to("meta") for w in ws],
+                                        [w.codebook.to("meta") for w in ws], 2, 37)
+    assert meta.shape == (2, 3, 14)
+
+
+def test_matmul_cat_bad_arguments_raise():
+    a, b = Weight(7, 40, 2, seed=1), Weight(5, 50, 2, seed=2)
+    x = torch.randn(1, 40)
+    with pytest.raises(RuntimeError, match="needs at least one weight"):
+        torch.ops.tritllm.matmul_cat(x, [], [], 2, 40)
+    with pytest.raises(RuntimeError, match="one codebook per packed weight, got 2 packed and 1"):
+        torch.ops.tritllm.matmul_cat(x, [a.packed, a.packed], [a.codebook], 2, 40)
+    with pytest.raises(RuntimeError, match=r"packed must have shape \[N, 21\]"):
+        torch.ops.tritllm.matmul_cat(x, [a.packed, b.packed], [a.codebook, b.codebook], 2, 40)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        torch.ops.tritllm.matmul_cat(x.requires_grad_(), [a.packed], [a.codebook], 2, 40)
+    with pytest.raises(ValueError, match="must share depth and in_features"):
+        ops.matmul_cat(x, [a, b])
+
+
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     w = Weight(21, 50, 2, seed=21)

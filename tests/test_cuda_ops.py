@@ -82,8 +82,8 @@ class CudaWeight:
     """A Weight (tests/test_cpu_ops.py) kept on the host as `host`, with its bytes and codebook
     copied to the GPU; with `exact`, its scales are powers of two (see above)."""
 
-    def __init__(self, n, k, depth, seed, exact):
-        self.host = Weight(n, k, depth, seed=seed)
+    def __init__(self, n, k, depth, seed, exact, codebook_size=27):
+        self.host = Weight(n, k, depth, codebook_size=codebook_size, seed=seed)
         if exact:
             gen = torch.Generator().manual_seed(seed + 1)
             power = torch.randint(-2, 3, self.host.codebook.shape, generator=gen)
@@ -278,6 +278,86 @@ def test_arguments_on_different_devices_raise():
         torch.ops.tritllm.matmul(torch.randn(2, 40), w.packed, w.codebook, 2, 40)
     with pytest.raises(RuntimeError, match="codebook is on cpu but packed is on cuda"):
         torch.ops.tritllm.unpack(w.packed, w.codebook.cpu(), 2, 40, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+# matmul_cat: several weights sharing x, through the kernel the heuristic picks for all of them
+
+# (depth, dtype, M, K, the weights' N, their codebook sizes, whether the kernel the heuristic picks
+# for the group is the one it picks for each weight alone)
+CAT_CASES = [
+    (2, torch.float16, 1, 4608, (37, 8, 300), (27, 5, 27), True),   # xtable, one launch, 9 windows
+    (1, torch.bfloat16, 1, 512, (7, 33), (3, 27), True),            # xtable depth 1, partial batch
+    (2, torch.float32, 1, 1024, (1, 2, 3, 4000), (1, 27, 9, 27), True),  # xtable: 4 weights at most
+    (2, torch.float16, 1, 512, (5, 6, 7, 8, 9), (27,) * 5, False),  # more: tile at M = 1
+    (2, torch.bfloat16, 3, 1024, (40, 24), (27, 27), True),         # tile, K split: strided sums
+    (1, torch.float16, 40, 768, (300, 64), (27, 2), True),          # tile, 8 warps x 2 slabs
+    (2, torch.float16, 600, 512, (70, 33), (27, 27), False),        # unpack + one cuBLAS product
+    (2, torch.float32, 5, 1024, (9, 17), (27, 27), True),           # generic, one product each
+    (3, torch.float16, 1, 100, (9, 4), (27, 2), True),              # generic at M = 1
+]
+
+
+def matmul_cat(x, ws):
+    poison((*x.shape[:-1], sum(w.shape[0] for w in ws)), x.dtype)
+    return torch.ops.tritllm.matmul_cat(x, [w.packed for w in ws], [w.codebook for w in ws],
+                                        ws[0].depth, ws[0].shape[1])
+
+
+@cuda_only
+@pytest.mark.parametrize("depth,dtype,m,k,ns,sizes,same_kernel", CAT_CASES)
+def test_matmul_cat_equals_separate_products(depth, dtype, m, k, ns, sizes, same_kernel):
+    """Exact data: the float64 reference, bit for bit, whatever the kernel. Random data: the
+    separate products bit for bit where the same kernel runs (x-table, tile_gemm and generic
+    compute each row as they do alone), else the reference within the tolerance (one cuBLAS
+    product over all the weights may split K differently from one per weight)."""
+    for exact in (True, False):
+        ws = [CudaWeight(n, k, depth, seed=n + i, exact=exact, codebook_size=c)
+              for i, (n, c) in enumerate(zip(ns, sizes))]
+        x = activations((m, k), dtype, seed=k + m, exact=exact)
+        y = matmul_cat(x.to(DEVICE), ws)
+        assert y.shape == (m, sum(ns)) and y.dtype == dtype
+        ref = torch.cat([reference(x, w) for w in ws], -1)
+        if exact:
+            assert torch.equal(y.cpu(), ref.to(dtype))
+        elif same_kernel:
+            assert torch.equal(y, torch.cat([matmul(x.to(DEVICE), w) for w in ws], -1))
+        else:
+            rel = float((y.cpu().double() - ref).norm() / ref.norm())
+            assert rel < RELATIVE_TOLERANCE[dtype], f"relative error {rel:.3g}"
+
+
+@cuda_only
+def test_matmul_cat_3d_x_and_graph_replay():
+    ws = [CudaWeight(n, 1024, 2, seed=n, exact=False) for n in (64, 16, 16)]
+    x = activations((1, 1, 1024), torch.float16, seed=1, exact=False).to(DEVICE)
+    eager = matmul_cat(x, ws)
+    assert eager.shape == (1, 1, 96)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        matmul_cat(x, ws)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.tritllm.matmul_cat(x, [w.packed for w in ws],
+                                                [w.codebook for w in ws], 2, 1024)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@cuda_only
+def test_matmul_cat_bad_arguments_raise():
+    a, b = CudaWeight(7, 512, 2, seed=1, exact=False), CudaWeight(5, 1024, 2, seed=2, exact=False)
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="one codebook per packed weight, got 2 packed and 1"):
+        torch.ops.tritllm.matmul_cat(x, [a.packed, a.packed], [a.codebook], 2, 512)
+    with pytest.raises(RuntimeError, match=r"packed must have shape \[N, 224\]"):
+        torch.ops.tritllm.matmul_cat(x, [a.packed, b.packed], [a.codebook, b.codebook], 2, 512)
+    with pytest.raises(RuntimeError, match="x is on cpu but the weight is on cuda"):
+        torch.ops.tritllm.matmul_cat(x.cpu(), [a.packed], [a.codebook], 2, 512)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,10 +59,35 @@ def _matmul_fake(x, packed, codebook, depth, in_features):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+@torch.library.register_fake("tritllm::matmul_cat")
+def _matmul_cat_fake(x, packed, codebook, depth, in_features):
+    torch._check(len(packed) >= 1,
+                 lambda: "tritllm: matmul_cat needs at least one weight, got none")
+    torch._check(len(codebook) == len(packed),
+                 lambda: f"tritllm: matmul_cat needs one codebook per packed weight, got "
+                         f"{len(packed)} packed and {len(codebook)} codebooks")
+    outs = [_matmul_fake(x, p, c, depth, in_features) for p, c in zip(packed, codebook)]
+    return x.new_empty((*x.shape[:-1], sum(o.shape[-1] for o in outs)))
+
+
 def matmul(x: torch.Tensor, tw) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] in x's dtype, for a TritWeight-like `tw` (attributes packed,
     codebook, depth, shape = (N, K))."""
     return torch.ops.tritllm.matmul(x, tw.packed, tw.codebook, tw.depth, tw.shape[1])
+
+
+def matmul_cat(x: torch.Tensor, tws) -> torch.Tensor:
+    """x @ [W_1; W_2; ...].T -> [..., N_1 + N_2 + ...] for TritWeight-likes `tws` of one depth and
+    in_features (e.g. q, k and v): torch.cat([matmul(x, w) for w in tws], -1) up to float
+    rounding (bit for bit on the CPU and in CUDA's fused kernels), with fewer launches on CUDA:
+    one for every weight at one token, one cuBLAS product for all of them at many."""
+    tws = list(tws)
+    depth, k = tws[0].depth, tws[0].shape[1]
+    if any(tw.depth != depth or tw.shape[1] != k for tw in tws):
+        raise ValueError("matmul_cat: the weights must share depth and in_features, got "
+                         f"{[(tw.depth, tw.shape[1]) for tw in tws]}")
+    return torch.ops.tritllm.matmul_cat(x, [tw.packed for tw in tws],
+                                        [tw.codebook for tw in tws], depth, k)
 
 
 def unpack(tw, dtype: torch.dtype = torch.float16) -> torch.Tensor:

@@ -4,7 +4,8 @@
 // For large M the product is bound by arithmetic, which cuBLAS does best. Unpacking into chunks
 // small enough to stay in L2 was measured first and lost: the many narrow products it needs ran
 // well below one full-width product (docs/KERNEL_NOTES.md), so the whole of W is unpacked once.
-// The dense buffer is transient (N x K elements, from the caching allocator).
+// The dense buffer is transient (N x K elements, from the caching allocator). Several weights
+// (matmul_cat) are unpacked one under the other into one buffer, for one wider product.
 #include <ATen/ATen.h>
 
 #include "launchers.h"
@@ -12,11 +13,17 @@
 namespace tritllm {
 namespace cuda {
 
-void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+void unpack_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, const at::Tensor& out) {
-  if (packed.size(0) == 0 || x.size(0) == 0) return;
-  at::Tensor dense = at::empty({packed.size(0), x.size(1)}, x.options());
-  unpack_into(packed, codebook, depth, x.size(1), dense);
+  if (out.size(1) == 0 || x.size(0) == 0) return;
+  at::Tensor dense = at::empty({out.size(1), x.size(1)}, x.options());
+  int64_t first_row = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t rows = packed[i].size(0);
+    if (rows > 0)
+      unpack_into(packed[i], codebooks[i], depth, x.size(1), dense.narrow(0, first_row, rows));
+    first_row += rows;
+  }
   at::Tensor result = out;
   at::mm_out(result, x, dense.t());
 }

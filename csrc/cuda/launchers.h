@@ -33,22 +33,27 @@ void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 
 // The single-token decode kernel: tables of activation sums in shared memory looked up by the
 // packed bytes, for depth 1 and 2, any activation type, M = 1 and whole 512-weight windows.
-// xtable_gemv_supports says whether it can run the call.                       xtable_gemv.cu
+// xtable_gemv_supports says whether it can run the call for one weight. xtable_gemv_into takes 1
+// to kXtableMaxWeights weights of the same depth and K (each one it supports) and writes their
+// products side by side: out [1, N_1 + N_2 + ...], in one launch.               xtable_gemv.cu
+constexpr int64_t kXtableMaxWeights = 4;
 bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
-void xtable_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+void xtable_gemv_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, const at::Tensor& out);
 
 // The batch kernel: tiles of 256 rows x 64 tokens, weights decoded in registers as in lut_gemv
 // and tensor-core products, for depth 1 and 2, float16/bfloat16 x, any M (chosen by register.cu
-// for M from 2 to kTileMaxTokens). tile_gemm_supports says whether it can run the call (shapes,
-// alignment, ~197 KB of shared memory per block).                                tile_gemm.cu
+// for M from 2 to kTileMaxTokens). tile_gemm_supports says whether it can run the call for one
+// weight (shapes, alignment, ~197 KB of shared memory per block). tile_gemm_into takes one or
+// more weights sharing x and writes their products side by side, out [M, N_1 + N_2 + ...].
+//                                                                                 tile_gemm.cu
 bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
-void tile_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+void tile_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
                     int64_t depth, const at::Tensor& out);
 
-// out [M, N] = x @ W.T for any M: W unpacked into a transient dense buffer, then one cuBLAS
-// product (at::mm_out) on the same stream.                                        gemm.cu
-void unpack_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+// out [M, N_1 + N_2 + ...] = x @ [W_1; W_2; ...].T for any M: the weights unpacked into one
+// transient dense buffer, then one cuBLAS product (at::mm_out) on the same stream.   gemm.cu
+void unpack_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, const at::Tensor& out);
 
 }  // namespace cuda

@@ -13,6 +13,10 @@
 //                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
 //   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS.
+// matmul_cat (several weights sharing x) takes the same choice for all its weights together (N is
+// their total): xtable runs them in one launch, tile_gemm with one slot-order pass and the
+// products written in place, unpack+gemm as one cuBLAS product over all of them; lut and generic
+// run one product per weight.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -60,7 +64,7 @@ void by_token_slices(const at::Tensor& x, const at::Tensor& out, int64_t slice, 
 // The kernels a product can take, by the names the tests and benchmarks use.
 enum class Kernel { kXtable, kLut, kTile, kGeneric, kGemm };
 
-bool can_run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
+bool can_run_one(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
   switch (kernel) {
     case Kernel::kXtable: return x.size(0) == 1 && xtable_gemv_supports(x, packed, depth);
     case Kernel::kLut: return lut_gemv_supports(x, packed, depth);
@@ -71,11 +75,19 @@ bool can_run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, int64
   return false;
 }
 
-// The heuristic (measurements: docs/PERF.md, "GPU").
-Kernel choose(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
+// Whether `kernel` can run the products of every weight of `packed` (one, or several sharing x).
+bool can_run(Kernel kernel, const at::Tensor& x, at::TensorList packed, int64_t depth) {
+  if (kernel == Kernel::kXtable && int64_t(packed.size()) > kXtableMaxWeights) return false;
+  for (const at::Tensor& p : packed)
+    if (!can_run_one(kernel, x, p, depth)) return false;
+  return true;
+}
+
+// The heuristic (measurements: docs/PERF.md, "GPU"); `rows` is the weights' total N.
+Kernel choose(const at::Tensor& x, at::TensorList packed, int64_t rows, int64_t depth) {
   const int64_t tokens = x.size(0);
   const int64_t tile_max_tokens =
-      packed.size(0) * x.size(1) >= kTileLargeWeights ? kTileMaxTokens : kTileMaxTokensSmall;
+      rows * x.size(1) >= kTileLargeWeights ? kTileMaxTokens : kTileMaxTokensSmall;
   if (tokens == 1 && can_run(Kernel::kXtable, x, packed, depth)) return Kernel::kXtable;
   if (tokens <= tile_max_tokens && can_run(Kernel::kTile, x, packed, depth)) return Kernel::kTile;
   if (tokens <= kLutFusedMaxTokens && can_run(Kernel::kLut, x, packed, depth)) return Kernel::kLut;
@@ -83,29 +95,57 @@ Kernel choose(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
   return Kernel::kGemm;
 }
 
-void run(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
-         int64_t depth, const at::Tensor& out) {
-  switch (kernel) {
-    case Kernel::kXtable: return xtable_gemv_into(x, packed, codebook, depth, out);
-    case Kernel::kLut:
-      return by_token_slices(x, out, kLutMaxTokens,
-                             [&](const at::Tensor& xs, const at::Tensor& os) {
-                               lut_gemv_into(xs, packed, codebook, depth, os);
-                             });
-    case Kernel::kTile: return tile_gemm_into(x, packed, codebook, depth, out);
-    case Kernel::kGeneric: return generic_gemv_into(x, packed, codebook, depth, out);
-    case Kernel::kGemm: return unpack_gemm_into(x, packed, codebook, depth, out);
+// For the kernels that take one weight: each product into its own columns of out (through a
+// temporary when there are several, since these kernels write contiguous outputs).
+template <typename Product>
+void each_weight(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+                 const at::Tensor& out, Product product) {
+  if (packed.size() == 1) return product(x, packed[0], codebooks[0], out);
+  int64_t first_row = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t rows = packed[i].size(0);
+    at::Tensor part = at::empty({x.size(0), rows}, out.options());
+    if (rows > 0) product(x, packed[i], codebooks[i], part);
+    out.narrow(1, first_row, rows).copy_(part);
+    first_row += rows;
   }
 }
 
-// x [..., K] @ W.T by `kernel`, or by the heuristic's choice when it is empty.
-at::Tensor product(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
-                   int64_t depth, int64_t in_features, const std::optional<Kernel> kernel) {
-  check_weight_args(packed, codebook, depth, in_features);
-  check_activation(x, packed, in_features);
-  c10::cuda::CUDAGuard guard(packed.device());
+void run(Kernel kernel, const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+         int64_t depth, const at::Tensor& out) {
+  switch (kernel) {
+    case Kernel::kXtable: return xtable_gemv_into(x, packed, codebooks, depth, out);
+    case Kernel::kLut:
+      return each_weight(x, packed, codebooks, out,
+                         [&](const at::Tensor& x1, const at::Tensor& p, const at::Tensor& c,
+                             const at::Tensor& o) {
+                           by_token_slices(x1, o, kLutMaxTokens,
+                                           [&](const at::Tensor& xs, const at::Tensor& os) {
+                                             lut_gemv_into(xs, p, c, depth, os);
+                                           });
+                         });
+    case Kernel::kTile: return tile_gemm_into(x, packed, codebooks, depth, out);
+    case Kernel::kGeneric:
+      return each_weight(x, packed, codebooks, out,
+                         [&](const at::Tensor& x1, const at::Tensor& p, const at::Tensor& c,
+                             const at::Tensor& o) { generic_gemv_into(x1, p, c, depth, o); });
+    case Kernel::kGemm: return unpack_gemm_into(x, packed, codebooks, depth, out);
+  }
+}
 
-  const int64_t rows = packed.size(0);
+// x [..., K] @ [W_1; W_2; ...].T -> [..., N_1 + N_2 + ...] by `kernel`, or by the heuristic's
+// choice when it is empty. One weight for matmul, several sharing x for matmul_cat.
+at::Tensor product(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+                   int64_t depth, int64_t in_features, const std::optional<Kernel> kernel) {
+  check_weight_lists(packed, codebooks);
+  int64_t rows = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    check_weight_args(packed[i], codebooks[i], depth, in_features);
+    check_activation(x, packed[i], in_features);
+    rows += packed[i].size(0);
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+
   const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = rows;
@@ -114,12 +154,17 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(!kernel || can_run(*kernel, x2, packed, depth),
               "tritllm: the requested CUDA kernel cannot run this product (M=", x2.size(0),
               ", N=", rows, ", K=", in_features, ", depth ", depth, ", ", x.scalar_type(), ")");
-  run(kernel ? *kernel : choose(x2, packed, depth), x2, packed, codebook, depth, out);
+  run(kernel ? *kernel : choose(x2, packed, rows, depth), x2, packed, codebooks, depth, out);
   return out.view(out_shape);
 }
 
 at::Tensor matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                        int64_t depth, int64_t in_features) {
+  return product(x, packed, codebook, depth, in_features, std::nullopt);
+}
+
+at::Tensor matmul_cat_cuda(const at::Tensor& x, at::TensorList packed, at::TensorList codebook,
+                           int64_t depth, int64_t in_features) {
   return product(x, packed, codebook, depth, in_features, std::nullopt);
 }
 
@@ -148,6 +193,7 @@ TORCH_LIBRARY_FRAGMENT(tritllm, m) {
 TORCH_LIBRARY_IMPL(tritllm, CUDA, m) {
   m.impl("unpack", unpack_cuda);
   m.impl("matmul", matmul_cuda);
+  m.impl("matmul_cat", matmul_cat_cuda);
   m.impl("_cuda_matmul_with", matmul_with_cuda);
 }
 

@@ -14,12 +14,13 @@ namespace cuda {
 
 template <typename T>
 __global__ void sum_splits_kernel(const float* __restrict__ partial, T* __restrict__ out,
-                                  int splits, int64_t count) {
+                                  int splits, int64_t count, int64_t rows, int64_t out_stride) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
   float sum = 0.f;
   for (int s = 0; s < splits; ++s) sum += partial[s * count + i];
-  out[i] = from_float<T>(sum);
+  const int64_t token = i / rows;
+  out[token * out_stride + (i - token * rows)] = from_float<T>(sum);
 }
 
 // The float32 partial products of a product split `splits` ways along K, [splits, out.numel()],
@@ -30,12 +31,18 @@ inline at::Tensor split_partials(int64_t splits, const at::Tensor& out) {
 }
 
 // out = the sum of `partials` in split order (nothing for an undefined tensor), on `stream`.
+// out is [M, N] with unit column stride; it may be a column slice of a wider matrix (matmul_cat
+// writes each weight's product into its own columns of one output).
 template <typename T>
 void add_split_partials(const at::Tensor& partials, const at::Tensor& out, cudaStream_t stream) {
   if (!partials.defined()) return;
   const int64_t count = out.numel();
+  if (count == 0) return;
+  const int64_t rows = out.size(-1);
+  const int64_t out_stride = out.dim() == 2 ? out.stride(0) : rows;
   sum_splits_kernel<T><<<(count + 255) / 256, 256, 0, stream>>>(
-      partials.data_ptr<float>(), static_cast<T*>(out.data_ptr()), int(partials.size(0)), count);
+      partials.data_ptr<float>(), static_cast<T*>(out.data_ptr()), int(partials.size(0)), count,
+      rows, out_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -33,6 +33,9 @@
 // The decode costs ~70 instructions per group of 16 weights and dominates at M <= 64 (ncu: tensor
 // pipe 36% busy at M = 64), and a tile re-decodes its weights for every 64 tokens, so from about
 // M = 192 on, unpack + cuBLAS is about as fast or faster.
+//
+// Several weights that share x (matmul_cat: q, k and v; gate and up) share one slot-order pass and
+// take one launch each, which writes its own columns of the output (rows out_stride apart).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -108,7 +111,8 @@ struct TileParams {
   const void* x_slots;       // [tokens, runs * 256] in slot order
   const uint8_t* packed;     // [rows, runs * 16 * B]
   const float* codebook;
-  void* out;                 // [tokens, rows]
+  void* out;                 // [tokens, rows], rows out_stride elements apart
+  int64_t out_stride;
   float* split_sums;         // [splits, tokens, rows] when splits > 1
   int codebook_size;
   int tokens;
@@ -302,7 +306,8 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
             const int token = token0 + 8 * q + 2 * t + r % 2;
             if (row < p.rows && token < p.tokens) {
               if (p.splits == 1)
-                static_cast<T*>(p.out)[token * p.rows + row] = from_float<T>(acc[s][q][r]);
+                static_cast<T*>(p.out)[token * p.out_stride + row] =
+                    from_float<T>(acc[s][q][r]);
               else
                 p.split_sums[(int64_t(item.split) * p.tokens + token) * p.rows + row] =
                     acc[s][q][r];
@@ -364,13 +369,10 @@ void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t gro
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers allow
+// 16 warps of one slab each (more latency hidden); above, 8 warps of two slabs.
 template <int DEPTH, typename T>
-void run(TileParams p, const at::Tensor& x, int64_t groups, const at::Tensor& out) {
-  at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
-  put_in_slot_order<T>(x, slots, groups);
-  p.x_slots = slots.data_ptr();
-  // The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers
-  // allow 16 warps of one slab each (more latency hidden); above, 8 warps of two slabs.
+void launch_for_tokens(const TileParams& p, const at::Tensor& out) {
   if (p.tokens <= 8)
     launch<DEPTH, T, 1, 1>(p, out);
   else if (p.tokens <= 16)
@@ -379,6 +381,33 @@ void run(TileParams p, const at::Tensor& x, int64_t groups, const at::Tensor& ou
     launch<DEPTH, T, 4, 1>(p, out);
   else
     launch<DEPTH, T, 8, 2>(p, out);
+}
+
+// x in slot order once, then one launch per weight, each into its own columns of out.
+template <int DEPTH, typename T>
+void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+         const at::Tensor& out) {
+  const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
+  at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
+  put_in_slot_order<T>(x, slots, groups);
+  int64_t first_row = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t rows = packed[i].size(0);
+    const at::Tensor part = out.narrow(1, first_row, rows);
+    first_row += rows;
+    if (rows == 0) continue;
+    TileParams p{};
+    p.x_slots = slots.data_ptr();
+    p.packed = packed[i].data_ptr<uint8_t>();
+    p.codebook = codebooks[i].data_ptr<float>();
+    p.out = part.data_ptr();
+    p.out_stride = out.stride(0);
+    p.codebook_size = int(codebooks[i].numel());
+    p.tokens = int(x.size(0));
+    p.rows = rows;
+    p.runs = int(groups / kRunGroups);
+    launch_for_tokens<DEPTH, T>(p, part);
+  }
 }
 
 }  // namespace
@@ -396,26 +425,22 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
          packed.size(1) * kTileRows < (int64_t(1) << 31);
 }
 
-void tile_gemm_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+void tile_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
                     int64_t depth, const at::Tensor& out) {
+  int64_t rows = 0;
+  for (const at::Tensor& w : packed) rows += w.size(0);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() &&
-                  out.size(0) == x.size(0) && out.size(1) == packed.size(0),
+                  out.size(0) == x.size(0) && out.size(1) == rows && !packed.empty() &&
+                  codebooks.size() == packed.size(),
               "tritllm: internal error: tile_gemm needs contiguous x [M, K], out [M, N]");
-  if (x.size(0) == 0 || packed.size(0) == 0) return;
-  const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
-  TileParams p{};
-  p.packed = packed.data_ptr<uint8_t>();
-  p.codebook = codebook.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.codebook_size = int(codebook.numel());
-  p.tokens = int(x.size(0));
-  p.rows = packed.size(0);
-  p.runs = int(groups / kRunGroups);
+  if (x.size(0) == 0 || rows == 0) return;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (depth == 1)
-    bf16 ? run<1, __nv_bfloat16>(p, x, groups, out) : run<1, __half>(p, x, groups, out);
+    bf16 ? run<1, __nv_bfloat16>(x, packed, codebooks, out)
+         : run<1, __half>(x, packed, codebooks, out);
   else
-    bf16 ? run<2, __nv_bfloat16>(p, x, groups, out) : run<2, __half>(p, x, groups, out);
+    bf16 ? run<2, __nv_bfloat16>(x, packed, codebooks, out)
+         : run<2, __half>(x, packed, codebooks, out);
 }
 
 }  // namespace cuda

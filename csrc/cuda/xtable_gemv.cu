@@ -12,8 +12,10 @@
 //     sum_j level_j x_j = sum_b (T'[b][P0b] + 3 T'[b][P1b]) + (T / 27) x_15,
 // where T' = T - (the slot's sum of x) - [b = 0] x_15 takes care of the "- L" of every level
 // (L = 4 = 1 + 3 at d = 2, L = 1 at d = 1, where only P0 exists), and T / 27 = c_0 + 3 c_1 of
-// weight 15 (the tail byte's two high digits). The group's scale codebook[T % 27] comes from a
-// third table indexed by the tail byte.
+// weight 15 (the tail byte's two high digits). The group's scale is codebook[T % 27], and
+// T % 27 = T - 27 (T / 27) comes from the same multiply-high. The codebook (27 floats, zero past
+// its length) sits in shared memory once, not once per lane: distinct indices fall in distinct
+// banks and equal ones are broadcast, so this load is conflict-free as well.
 //
 // Work split. K is cut into windows of 32 groups (512 weights): lane l of every warp owns group
 // l of the window, so a warp reads one row's 224 window bytes (d = 2) in one coalesced sweep, and
@@ -25,22 +27,37 @@
 // Blocks are persistent (one per SM: the tables take 128 KB) and own a contiguous range of
 // (window, batch) items, so a block rebuilds its tables once or twice per call.
 //
+// The table build is the fixed cost of a call; on the 1024- and 4096-row matrices of a Llama
+// layer it rivals the time spent streaming the weights. So a block first copies the window's 512
+// activations into shared memory, one coalesced load per thread, and fills the tables from
+// there: a build waits for one global load instead of one per table unit. Each warp's first
+// batch of weight bytes is requested before the build, so it arrives while the tables are made.
+//
+// Several matrices that share x and K (q, k and v; gate and up) run as one call: they are the
+// "segments" of one output, out [1, N_1 + N_2 + ...], each with its own bytes and codebook. The
+// batches of 8 rows are numbered across the segments (none straddles two), so the work split and
+// the tables are those of one matrix of N_1 + N_2 + ... rows: one launch, one table build per
+// block and one split sum instead of one of each per matrix.
+//
 // Table layout: bank-conflict free and one instruction per address. Every table row (one byte
 // value) has one 4-byte entry per lane, so whatever the bytes, lane l reads bank l. Rows are 256
 // bytes apart and hold two tables side by side (lanes' entries at +0 and +128), in two 64 KB
 // regions that start on a 64 KB boundary of the shared window:
 //     region A: v * 256 +   0 + 4 l : slot b = 0         region B: v * 256 +   0 + 4 l : b = 2
-//               v * 256 + 128 + 4 l : slot b = 1                   v * 256 + 128 + 4 l : scale
+//               v * 256 + 128 + 4 l : slot b = 1                   (second half unused)
 // The shared address of an entry is then  region | v << 8 | (slot * 128 + 4 l): one byte_perm
 // puts the packed byte v next to the lane's constant bytes (no add of a table base: the
 // regions' alignment makes the base part of those constant bytes).
 //
 // Bytes the format forbids (>= 243, or a scale index past the codebook) read table rows that
-// exist (all 256 are filled, with finite values), so corrupt data gives wrong numbers but never
-// an out-of-bounds access, as in the other CUDA kernels (docs/FORMAT.md, Validation).
+// exist (all 256 are filled, with finite values) and codebook entries that are zero, so corrupt
+// data gives wrong numbers but never an out-of-bounds access, as in the other CUDA kernels
+// (docs/FORMAT.md, Validation).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <limits>
 
 #include "device_common.cuh"
 #include "launchers.h"
@@ -51,29 +68,45 @@ namespace cuda {
 namespace {
 
 constexpr int kWindowGroups = 32;  // groups of a window: one per lane
+constexpr int kWindowWeights = kWindowGroups * kGroupSize;
 constexpr int kBatchRows = 8;      // rows a warp takes at a time
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
+static_assert(kThreads == kWindowWeights, "one thread stages one activation of a window");
 constexpr uint32_t kRegionBytes = 1u << 16;
 // Two 64 KB regions on a 64 KB boundary fit in 192 KB wherever the dynamic shared memory starts.
 constexpr int kSharedBytes = 3 * kRegionBytes;
 constexpr int kTableRow = 256;  // bytes between table rows
 constexpr int kSlotBytes = 128;  // bytes of one table's entries in a row (32 lanes x 4)
+// The staged activations of a window, group g's 16 at g * kXStride: with 17 floats per group,
+// lanes reading the same position of their own groups hit 32 different banks.
+constexpr int kXStride = kGroupSize + 1;
+constexpr int kCodebookStride = 32;  // floats per segment's codebook in shared memory (27 used)
+constexpr int kMaxSegments = int(kXtableMaxWeights);
 // floor(t / 27) = umulhi(t, kDiv27) for every byte t.
 constexpr uint32_t kDiv27 = 159072863u;  // ceil(2^32 / 27)
 
-struct XTableParams {
-  const void* x;            // [K]
-  const uint8_t* packed;    // [N, G * B], rows 8-byte aligned
+// One matrix of a call (see "segments" at the top).
+struct Segment {
+  const uint8_t* packed;  // [rows, G * B], 8-byte aligned
   const float* codebook;
-  float* partial;           // [windows, N]
   int codebook_size;
-  int64_t rows;
+  int rows;
+  int first_row;    // of its rows in out (and in the partial sums)
+  int first_batch;  // its first batch; past the last batch for unused segments
+};
+
+struct XTableParams {
+  const void* x;      // [K]
+  float* partial;     // [windows, rows]
   int64_t in_features;
-  int64_t row_bytes;
+  int64_t row_bytes;  // of every segment
+  int rows;           // of all segments
   int windows;
-  int64_t batches;          // per window: ceil(N / kBatchRows)
-  int64_t items;            // windows * batches
+  int batches;        // per window, of all segments
+  int64_t items;      // windows * batches
+  int segments;
+  Segment segment[kMaxSegments];
 };
 
 __device__ __forceinline__ float lds(uint32_t address) {
@@ -92,49 +125,57 @@ __device__ __forceinline__ uint32_t entry(uint32_t word, uint32_t lane_bytes) {
   return __byte_perm(word, lane_bytes, 0x7604 | (k << 4));
 }
 
-// The lane's constant address bytes of its four tables.
+// The lane's constant address bytes of its three tables.
 struct LaneTables {
-  uint32_t slot0, slot1, slot2, scale;
+  uint32_t slot0, slot1, slot2;
   __device__ LaneTables(uint32_t region_a, int lane)
       : slot0(region_a + 4 * lane),
         slot1(region_a + kSlotBytes + 4 * lane),
-        slot2(region_a + kRegionBytes + 4 * lane),
-        scale(region_a + kRegionBytes + kSlotBytes + 4 * lane) {}
+        slot2(region_a + kRegionBytes + 4 * lane) {}
 };
 
-template <typename T>
-__device__ __forceinline__ float x_at(const XTableParams& p, int64_t k) {
-  return k < p.in_features ? to_float(static_cast<const T*>(p.x)[k]) : 0.f;
+// The segment that batch `batch` (numbered across segments) belongs to.
+__device__ __forceinline__ int segment_of(const XTableParams& p, int batch) {
+  int s = 0;
+#pragma unroll
+  for (int i = 1; i < kMaxSegments; ++i) s += batch >= p.segment[i].first_batch;
+  return s;
 }
 
-// The scale table: row t, every lane: codebook[t % 27] (0 past the codebook: corrupt data).
-__device__ void build_scale_table(const XTableParams& p, uint32_t region_a) {
-  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
-    const int t = e / 32, lane = e % 32;
-    const int idx = int(group_scale_index(uint32_t(t)));
-    sts(region_a + kRegionBytes + t * kTableRow + kSlotBytes + 4 * lane,
-        idx < p.codebook_size ? p.codebook[idx] : 0.f);
+// Segment s's codebook in shared memory, 27 entries, zero past its length (corrupt indices).
+__device__ void stage_codebooks(const XTableParams& p, float* codebooks) {
+  for (int e = threadIdx.x; e < p.segments * kCodebookStride; e += blockDim.x) {
+    const Segment& seg = p.segment[e / kCodebookStride];
+    const int i = e % kCodebookStride;
+    codebooks[e] = i < seg.codebook_size ? seg.codebook[i] : 0.f;
   }
 }
 
-// The x-tables of one window: for lane l's group g = 32 * window + l and slot b (weights 5b..5b+4
-// of the group), row v holds T'[v] = sum_i c_i(v) x_i - sum_i x_i - [b = 0] x_15 (see the top).
-// A unit of work is one (slot, lane) and 27 consecutive rows v = 27 m + a: the digits of a
-// (c_0..c_2) are compile-time constants of the unrolled loop and the high digits of m (c_3, c_4)
-// give one runtime term, so a row costs two or three additions and a store.
+// The window's 512 activations as float, group g's at window_x[g * kXStride ...].
 template <typename T>
-__device__ void build_x_tables(const XTableParams& p, int window, uint32_t region_a) {
+__device__ void stage_window_x(const XTableParams& p, int window, float* window_x) {
+  const int64_t k = int64_t(window) * kWindowWeights + threadIdx.x;
+  window_x[(threadIdx.x / kGroupSize) * kXStride + threadIdx.x % kGroupSize] =
+      k < p.in_features ? to_float(static_cast<const T*>(p.x)[k]) : 0.f;
+}
+
+// The x-tables of one window: for lane l's group and slot b (weights 5b..5b+4 of the group), row v
+// holds T'[v] = sum_i c_i(v) x_i - sum_i x_i - [b = 0] x_15 (see the top). A unit of work is one
+// (slot, lane) and 27 consecutive rows v = 27 m + a: the digits of a (c_0..c_2) are compile-time
+// constants of the unrolled loop and the high digits of m (c_3, c_4) give one runtime term, so a
+// row costs two or three additions and a store.
+__device__ void build_x_tables(const float* window_x, uint32_t region_a) {
   constexpr int kCombos = 3 * kWindowGroups;  // (slot, lane)
   constexpr int kChunks = 10;                 // 27 m for m = 0..9 covers rows 0..255
   for (int unit = threadIdx.x; unit < kCombos * kChunks; unit += blockDim.x) {
     const int combo = unit % kCombos, m = unit / kCombos;
     const int slot = combo / kWindowGroups, lane = combo % kWindowGroups;
-    const int64_t k0 = (int64_t(window) * kWindowGroups + lane) * kGroupSize + 5 * slot;
+    const float* group_x = window_x + lane * kXStride;
     float x[5];
 #pragma unroll
-    for (int i = 0; i < 5; ++i) x[i] = x_at<T>(p, k0 + i);
+    for (int i = 0; i < 5; ++i) x[i] = group_x[5 * slot + i];
     float offset = -(((x[0] + x[1]) + (x[2] + x[3])) + x[4]);
-    if (slot == 0) offset -= x_at<T>(p, k0 + 15);
+    if (slot == 0) offset -= group_x[15];
     // m's digits are c_3 = m % 3 and c_4 = m / 3 (m = 9 gives c_4 = 3: rows >= 243, corrupt).
     const float high = offset + float(m % 3) * x[3] + float(m / 3) * x[4];
     const uint32_t base = (slot == 2 ? region_a + kRegionBytes : region_a) +
@@ -157,9 +198,9 @@ struct GroupBytes {
   uint2 lo, hi;
 };
 
-// The lane's bytes of the rows of one batch: rows [8 batch, 8 batch + 8), of which the first
-// `valid` exist (kFull: all 8, no checks). `at` points at the lane's 8-byte word in the batch's
-// first row; `two_words` says whether its group runs into the next word (d = 2, 7 l mod 8 >= 2).
+// The lane's bytes of the rows of one batch, of which the first `valid` exist (kFull: all 8, no
+// checks). `at` points at the lane's 8-byte word in the batch's first row; `two_words` says
+// whether its group runs into the next word (d = 2, 7 l mod 8 >= 2).
 template <int DEPTH, bool kFull>
 __device__ __forceinline__ void load_batch(const uint8_t* at, int row_bytes, int valid,
                                            bool two_words, GroupBytes (&g)[kBatchRows]) {
@@ -173,10 +214,11 @@ __device__ __forceinline__ void load_batch(const uint8_t* at, int row_bytes, int
   }
 }
 
-// scale * (sum over the group of level_j x_j) for this lane's group of one row.
+// scale * (sum over the group of level_j x_j) for this lane's group of one row; `codebook` is the
+// shared address of the row's segment's codebook.
 template <int DEPTH>
 __device__ __forceinline__ float group_value(const GroupBytes& g, int lane, const LaneTables& t,
-                                             float x15) {
+                                             uint32_t codebook, float x15) {
   uint32_t w0, w1;  // the group's bytes 0-3 and 4-7
   if (DEPTH == 1) {
     w0 = (lane & 1) ? g.lo.y : g.lo.x;  // 4 bytes per group: 4-byte aligned
@@ -193,18 +235,17 @@ __device__ __forceinline__ float group_value(const GroupBytes& g, int lane, cons
   }
   float dot = lds(entry<0>(w0, t.slot0)) + lds(entry<1>(w0, t.slot1)) + lds(entry<2>(w0, t.slot2));
   uint32_t tail;
-  float scale;
   if (DEPTH == 1) {
     tail = w0 >> 24;
-    scale = lds(entry<3>(w0, t.scale));
   } else {
     const float plane1 =
         lds(entry<3>(w0, t.slot0)) + lds(entry<0>(w1, t.slot1)) + lds(entry<1>(w1, t.slot2));
     dot = fmaf(3.f, plane1, dot);
     tail = __byte_perm(w1, 0u, 0x4442);
-    scale = lds(entry<2>(w1, t.scale));
   }
-  return scale * fmaf(float(__umulhi(tail, kDiv27)), x15, dot);
+  const uint32_t high = __umulhi(tail, kDiv27);                // T / 27
+  const float scale = lds(codebook + 4 * (tail - 27 * high));  // codebook[T % 27]
+  return scale * fmaf(float(high), x15, dot);
 }
 
 // v[r] (one value per row r of a batch, in every lane) -> the sum over the 32 lanes of v[r] for
@@ -228,15 +269,20 @@ __device__ __forceinline__ float sum_rows_over_lanes(float (&v)[kBatchRows], int
 }
 
 template <int DEPTH, typename T>
-__global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTableParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    xtable_gemv_kernel(const __grid_constant__ XTableParams p) {
   extern __shared__ __align__(16) unsigned char shared[];
+  __shared__ float window_x[kWindowGroups * kXStride];
+  __shared__ float codebooks[kMaxSegments * kCodebookStride];
   __shared__ int next_batch;  // of the block's current window
   const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
   const uint32_t region_a = (start + kRegionBytes - 1) & ~(kRegionBytes - 1);
+  const uint32_t codebooks_at = static_cast<uint32_t>(__cvta_generic_to_shared(codebooks));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const LaneTables tables(region_a, lane);
   constexpr int kGroupBytes = bytes_per_group(DEPTH);
   const bool two_words = DEPTH == 2 && ((kGroupBytes * lane) & 7) >= 2;
+  stage_codebooks(p, codebooks);  // read after the first barrier below
 
   // This block's items (window * batches + batch): a contiguous share of all of them.
   const int64_t first = p.items * blockIdx.x / gridDim.x;
@@ -246,9 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
     const int window = int(item / p.batches);
     const int begin = int(item - int64_t(window) * p.batches);
     const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
-    const float x15 = x_at<T>(p, (int64_t(window) * kWindowGroups + lane) * kGroupSize + 15);
-    const uint8_t* window_bytes = p.packed + int64_t(window) * kWindowGroups * kGroupBytes +
-                                  ((kGroupBytes * lane) & ~7);
+    const int64_t window_offset =
+        int64_t(window) * kWindowGroups * kGroupBytes + ((kGroupBytes * lane) & ~7);
     float* window_out = p.partial + int64_t(window) * p.rows;
 
     // Batches until the window's share is done, taken from the shared counter one ahead, so the
@@ -261,40 +306,47 @@ __global__ void __launch_bounds__(kThreads, 1) xtable_gemv_kernel(const XTablePa
     };
     auto load = [&](int batch, GroupBytes (&g)[kBatchRows]) {
       if (batch >= end) return;
-      const int64_t row = int64_t(batch) * kBatchRows;
-      const uint8_t* at = window_bytes + row * p.row_bytes;
-      if (row + kBatchRows <= p.rows)
+      const Segment& seg = p.segment[segment_of(p, batch)];
+      const int row = (batch - seg.first_batch) * kBatchRows;
+      const uint8_t* at = seg.packed + window_offset + int64_t(row) * p.row_bytes;
+      if (row + kBatchRows <= seg.rows)
         load_batch<DEPTH, true>(at, int(p.row_bytes), kBatchRows, two_words, g);
       else
-        load_batch<DEPTH, false>(at, int(p.row_bytes), int(p.rows - row), two_words, g);
+        load_batch<DEPTH, false>(at, int(p.row_bytes), seg.rows - row, two_words, g);
     };
-    auto compute = [&](int batch, const GroupBytes (&g)[kBatchRows]) {
+    auto compute = [&](int batch, const GroupBytes (&g)[kBatchRows], float x15) {
+      const int s = segment_of(p, batch);
+      const Segment& seg = p.segment[s];
+      const uint32_t codebook = codebooks_at + 4 * kCodebookStride * s;
       float v[kBatchRows];
 #pragma unroll
-      for (int r = 0; r < kBatchRows; ++r) v[r] = group_value<DEPTH>(g[r], lane, tables, x15);
+      for (int r = 0; r < kBatchRows; ++r)
+        v[r] = group_value<DEPTH>(g[r], lane, tables, codebook, x15);
       const float sum = sum_rows_over_lanes(v, lane);
-      const int64_t row = int64_t(batch) * kBatchRows + ((lane >> 2) & 7);
-      if ((lane & 3) == 0 && row < p.rows) window_out[row] = sum;
+      const int row = (batch - seg.first_batch) * kBatchRows + ((lane >> 2) & 7);
+      if ((lane & 3) == 0 && row < seg.rows) window_out[seg.first_row + row] = sum;
     };
     // Each warp's first batch of the window is fixed (begin + warp), so that its bytes are in
     // flight while the tables are built; the others come from the shared counter.
     GroupBytes a[kBatchRows], b[kBatchRows];
     int batch = begin + warp;
-    __syncthreads();  // the last window's batches are done with the tables and the counter
+    __syncthreads();  // the last window's batches are done with the tables, x and the counter
     load(batch, a);
-    if (item == first) build_scale_table(p, region_a);
-    build_x_tables<T>(p, window, region_a);
+    stage_window_x<T>(p, window, window_x);
     if (threadIdx.x == 0) next_batch = begin + kWarps;
     __syncthreads();
+    build_x_tables(window_x, region_a);
+    __syncthreads();
+    const float x15 = window_x[lane * kXStride + 15];
     while (batch < end) {
       int following = take();
       load(following, b);
-      compute(batch, a);
+      compute(batch, a, x15);
       batch = following;
       if (batch >= end) break;
       following = take();
       load(following, a);
-      compute(batch, b);
+      compute(batch, b, x15);
       batch = following;
     }
     item = int64_t(window) * p.batches + end;
@@ -333,32 +385,55 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
   if (depth != 1 && depth != 2) return false;
   if (x.size(0) != 1) return false;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
-  if (props->sharedMemPerBlockOptin < size_t(kSharedBytes) + 64) return false;
+  // The 192 KB of tables plus the staged activations and codebooks.
+  if (props->sharedMemPerBlockOptin < size_t(kSharedBytes) + 4096) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole windows, and rows on 8-byte boundaries for the 8-byte loads (every row is, when the
   // first is: a row of whole windows is a multiple of 32 * B bytes).
-  // Batch numbers and row strides in int.
+  // Rows and batch numbers in int.
   return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 8 == 0 &&
-         packed.size(0) < (int64_t(1) << 31) && packed.size(1) < (int64_t(1) << 31);
+         packed.size(0) < (int64_t(1) << 30) && packed.size(1) < (int64_t(1) << 31);
 }
 
-void xtable_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
+void xtable_gemv_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, const at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && out.is_contiguous() &&
-                  out.size(0) == 1 && out.size(1) == packed.size(0),
+                  out.dim() == 2 && out.size(0) == 1,
               "tritllm: internal error: xtable_gemv needs contiguous x [1, K], out [1, N]");
-  if (packed.size(0) == 0) return;
+  TORCH_CHECK(!packed.empty() && packed.size() <= size_t(kMaxSegments) &&
+                  codebooks.size() == packed.size(),
+              "tritllm: internal error: xtable_gemv takes 1 to ", kMaxSegments, " weights");
   XTableParams p{};
   p.x = x.data_ptr();
-  p.packed = packed.data_ptr<uint8_t>();
-  p.codebook = codebook.data_ptr<float>();
-  p.codebook_size = int(codebook.numel());
-  p.rows = packed.size(0);
   p.in_features = x.size(1);
-  p.row_bytes = packed.size(1);
+  p.row_bytes = packed[0].size(1);
   p.windows = int(num_groups(p.in_features) / kWindowGroups);
-  p.batches = (p.rows + kBatchRows - 1) / kBatchRows;
-  p.items = p.windows * p.batches;
+  p.segments = int(packed.size());
+  int64_t rows = 0, batches = 0;
+  for (int s = 0; s < kMaxSegments; ++s) {
+    Segment& seg = p.segment[s];
+    if (s >= p.segments) {
+      seg.first_batch = std::numeric_limits<int>::max();
+      continue;
+    }
+    TORCH_CHECK(packed[s].size(1) == p.row_bytes,
+                "tritllm: internal error: xtable_gemv weights of different K");
+    seg.packed = packed[s].data_ptr<uint8_t>();
+    seg.codebook = codebooks[s].data_ptr<float>();
+    seg.codebook_size = int(codebooks[s].numel());
+    seg.rows = int(packed[s].size(0));
+    seg.first_row = int(rows);
+    seg.first_batch = int(batches);
+    rows += seg.rows;
+    batches += (seg.rows + kBatchRows - 1) / kBatchRows;
+  }
+  TORCH_CHECK(rows == out.size(1) && rows < (int64_t(1) << 30),
+              "tritllm: internal error: xtable_gemv output of ", out.size(1), " columns for ",
+              rows, " rows");
+  if (rows == 0) return;
+  p.rows = int(rows);
+  p.batches = int(batches);
+  p.items = int64_t(p.windows) * p.batches;
   if (depth == 1)
     launch_type<1>(p, x, out);
   else
