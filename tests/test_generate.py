@@ -46,8 +46,9 @@ def test_greedy_tokens_match_transformers(model_type, overrides):
     assert torch.equal(generate(model, ids, 24), want)
 
 
-def test_quantized_model_matches_transformers_on_the_same_trits():
-    model = quantize_model(tiny_model(), depth=2, progress=False)
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: biases on the fused q/k/v
+def test_quantized_model_matches_transformers_on_the_same_trits(model_type):
+    model = quantize_model(tiny_model(model_type), depth=2, progress=False)
     assert any(isinstance(m, TritLinear) for m in model.modules())
     ids = prompt(batch=3, length=5)
     assert torch.equal(generate(model, ids, 16), hf_greedy(model, ids, 16))
@@ -176,3 +177,14 @@ def test_cuda_graph_decode_matches_eager(compile):
     graphed = Generator(model, 2, 64, cuda_graph=True, compile=compile)
     assert torch.equal(graphed.generate(ids, 20), eager)
     assert torch.equal(graphed.generate(ids, 20), eager)  # replays of the same graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch_one_fused_projections_match_transformers():
+    """At batch 1 on CUDA, q/k/v and gate/up run as one x-table launch each (whole 512-weight
+    windows: hidden 512); greedy tokens still equal transformers' own generate."""
+    model = quantize_model(tiny_model(hidden_size=512, intermediate_size=1024).cuda(), depth=2,
+                           progress=False)
+    ids = prompt(batch=1, length=5)
+    want = hf_greedy(model, ids, 16)
+    assert torch.equal(Generator(model, 1, 64).generate(ids.cuda(), 16).cpu(), want)

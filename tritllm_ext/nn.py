@@ -104,15 +104,19 @@ class TritLinear(nn.Module):
                              f"{tuple(self.bias.shape)}")
         self._validated = True
 
-    def _validate_before_first_use(self) -> None:
+    def validate_once(self, name: str = "TritLinear") -> None:
+        """`validate` unless the buffers were validated since they last changed. Code that reads
+        the buffers without calling the module (a fused product of several modules) calls this
+        first."""
+        if self._validated:
+            return
         if torch.compiler.is_compiling():  # validation reads tensor values: not traceable
             raise RuntimeError("TritLinear: call validate() (every tritllm_ext loader does) "
                                "before compiling a module whose buffers were filled by hand")
-        self.validate()
+        self.validate(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._validated:
-            self._validate_before_first_use()
+        self.validate_once()
         y = torch.ops.tritllm.matmul(x, self.trit_packed, self.trit_codebook, self.depth,
                                      self.in_features)
         if self.bias is not None:
