@@ -14,8 +14,10 @@ finds its weight in L2, and the graph removes launch gaps); a replay's time divi
 sample; the median of the samples is reported. The device-to-device copy bandwidth is measured
 first (bytes read plus bytes written); the tritllm row reports its effective bandwidth, counting
 the bytes that must move (packed weight, activations, output), and its share of the copy
-bandwidth. A last measurement replays the four matrices of one decoder layer at M = 1 in one
-graph, against the same graph with float16 weights.
+bandwidth. Two last measurements replay one decoder layer at M = 1 in one graph: its four
+products with q/k/v and gate/up concatenated, against the same graph with float16 weights; and
+its seven matrices as a model holds them, one product each or (tritllm) with q/k/v and gate/up
+each in one matmul_cat, against one F.linear each.
 
     python bench/gpu_bench.py                      # full table, bench/gpu_bench.json, .png
     python bench/gpu_bench.py --quick              # fewer M, for a smoke test
@@ -179,6 +181,47 @@ def layer_graph_speedup(l2_bytes, generator):
             "speedup": dense_ms / trit_ms}
 
 
+# The seven matrices of a Llama-3.1-8B decoder layer as the model holds them: q, k, v, o, gate, up,
+# down (SHAPES above are the same products with q/k/v and gate/up concatenated).
+MODEL_LAYER = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+               "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
+SHARED_INPUT = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def model_layer_graph(l2_bytes, generator):
+    """One decoder layer's seven products at M = 1 in one graph: tritllm one matmul per matrix,
+    tritllm as the decode loop runs them (q/k/v and gate/up each one matmul_cat), and cuBLAS
+    fp16 one F.linear per matrix."""
+    weights = sum(n * k * 7 // 16 for n, k in MODEL_LAYER.values())
+    layers = max(2, math.ceil(2 * l2_bytes / weights))
+    trit = [{name: random_trit_weight(n, k, generator) for name, (n, k) in MODEL_LAYER.items()}
+            for _ in range(layers)]
+    dense = [{name: torch.ops.tritllm.unpack(p, c, DEPTH, MODEL_LAYER[name][1], torch.float16)
+              for name, (p, c) in layer.items()} for layer in trit]
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.float16) for _, k in MODEL_LAYER.values()}
+
+    def separate(layer):
+        return [lambda p=p, c=c, k=MODEL_LAYER[name][1]:
+                torch.ops.tritllm.matmul(xs[k], p, c, DEPTH, k) for name, (p, c) in layer.items()]
+
+    def grouped(layer):
+        calls = []
+        for names in SHARED_INPUT:
+            k = MODEL_LAYER[names[0]][1]
+            packed, codebooks = [layer[n][0] for n in names], [layer[n][1] for n in names]
+            calls.append(lambda p=packed, c=codebooks, k=k:
+                         torch.ops.tritllm.matmul_cat(xs[k], p, c, DEPTH, k))
+        return calls
+
+    times = {
+        "tritllm_separate_us": [c for layer in trit for c in separate(layer)],
+        "tritllm_matmul_cat_us": [c for layer in trit for c in grouped(layer)],
+        "cublas_fp16_separate_us": [lambda w=w: F.linear(xs[w.shape[1]], w)
+                                    for layer in dense for w in layer.values()],
+    }
+    return {name: median_replay_ms(capture(calls), layers) * 1e3 for name, calls in times.items()}
+
+
 def run(tokens):
     import tritllm_ext  # noqa: F401  (registers torch.ops.tritllm)
 
@@ -214,9 +257,15 @@ def run(tokens):
     layer = layer_graph_speedup(l2_bytes, generator)
     print(f"decoder layer at M=1 in one graph: tritllm {layer['tritllm_us']:.1f} us, "
           f"cuBLAS fp16 {layer['cublas_fp16_us']:.1f} us, {layer['speedup']:.2f}x")
+    model_layer = model_layer_graph(l2_bytes, generator)
+    print("decoder layer of 7 matrices at M=1 in one graph: tritllm one matmul each "
+          f"{model_layer['tritllm_separate_us']:.1f} us, with matmul_cat for q/k/v and gate/up "
+          f"{model_layer['tritllm_matmul_cat_us']:.1f} us, cuBLAS fp16 one F.linear each "
+          f"{model_layer['cublas_fp16_separate_us']:.1f} us")
     return {"device": props.name, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "copy_gbs": copy_gbs, "depth": DEPTH,
             "command": " ".join(["python"] + sys.argv), "rows": rows, "layer_m1": layer,
+            "model_layer_m1": model_layer,
             "unpack": unpacks}
 
 
