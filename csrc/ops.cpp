@@ -50,8 +50,8 @@ at::Tensor matmul_cat_autograd(const at::Tensor& x, at::TensorList packed,
   bool codebook_grad = false;
   for (const at::Tensor& c : codebook) codebook_grad = codebook_grad || c.requires_grad();
   TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || codebook_grad)),
-              "tritllm.matmul_cat is inference-only: x requires grad under grad mode. Wrap the "
-              "call in torch.no_grad() / torch.inference_mode(), or detach x.");
+              "tritllm.matmul_cat is inference-only: x or a codebook requires grad under grad "
+              "mode. Wrap the call in torch.no_grad() / torch.inference_mode(), or detach x.");
   at::AutoDispatchBelowADInplaceOrView guard;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("tritllm::matmul_cat", "")

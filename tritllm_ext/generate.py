@@ -9,9 +9,9 @@ alike) with:
 * rotary cos/sin tables computed once, with the model's own rotary module, for every position;
 * in a decode step, projections that read the same input computed together when they are packed
   trit layers of one depth and width: q, k and v in one `torch.ops.tritllm.matmul_cat`, gate and
-  up in another (on CUDA at batch 1 one kernel launch each instead of three and two: 285 against
-  224 tokens/s on an H100, docs/PERF.md). A prefill runs them one by one: its products are
-  compute-bound, and fused they measured 1% slower. Dense layers always run one by one;
+  up in another (on CUDA at batch 1 one kernel launch each instead of three and two; the gain is
+  in docs/PERF.md). A prefill runs them one by one: its products are compute-bound, and fused
+  they measured 1% slower. Dense layers always run one by one;
 * on CUDA, one decode step (model forward, token choice, cache and position update) captured as
   a CUDA graph and replayed; optionally (`compile=True`) every decoder layer runs through one
   torch.compile'd function, which fuses the small element-wise kernels between the matmuls.
@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from .nn import TritLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants whose cos/sin depend only on the position (not on the sequence length seen).
@@ -92,7 +94,6 @@ def select_next_token(logits: torch.Tensor, temperature: float = 0.0,
 def _fusable(linears) -> bool:
     """True if `linears` are TritLinear layers of one depth and in_features, whose products can
     run as one matmul_cat."""
-    from .nn import TritLinear
     first = linears[0]
     return all(isinstance(m, TritLinear) and m.depth == first.depth
                and m.in_features == first.in_features for m in linears)
@@ -171,7 +172,7 @@ class LlamaFamilyForward:
         self.kv_positions = torch.arange(max_len, device=self.device)
         for i, layer in enumerate(self.layers):  # fused products read buffers without forward()
             for name, m in layer.named_modules():
-                if hasattr(m, "validate_once"):
+                if isinstance(m, TritLinear):
                     m.validate_once(f"model.layers.{i}.{name}")
         self._decode_layer = (torch.compile(self._decoder_layer, fullgraph=True, dynamic=False)
                               if compile_decode else self._decoder_layer)
