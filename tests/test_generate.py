@@ -152,6 +152,19 @@ def test_refuses_bad_requests():
         Generator(model, 1, 16, cuda_graph=True)
 
 
+def test_corrupt_bytes_loaded_by_hand_are_named_before_decoding():
+    """The fused products read the buffers without calling the modules, so the decode loop
+    validates every TritLinear when it is built."""
+    model = quantize_model(tiny_model(), depth=2, progress=False)
+    k_proj = model.model.layers[1].self_attn.k_proj
+    state = k_proj.state_dict()
+    state["trit_packed"] = state["trit_packed"].clone()
+    state["trit_packed"][0, 0] = 250  # >= 243: not a valid byte
+    k_proj.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj"):
+        Generator(model, 1, 16)
+
+
 def test_unsupported_models_are_named():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2,
                                                                 vocab_size=64))
