@@ -222,11 +222,9 @@ class LlamaFamilyForward:
 
     @staticmethod
     def _mlp(mlp, x: torch.Tensor, fuse: bool) -> torch.Tensor:
-        """The gated MLP of these architectures, down(act(gate(x)) * up(x)), with gate and up as
-        one product when `fuse` and they can be fused."""
-        if not (fuse and _fusable([mlp.gate_proj, mlp.up_proj])):
-            return mlp(x)
-        gate, up = project(x, [mlp.gate_proj, mlp.up_proj])
+        """The gated MLP of these architectures (their MLP modules' forward), down(act(gate(x)) *
+        up(x)), with gate and up as one product when `fuse` and they can be fused."""
+        gate, up = project(x, [mlp.gate_proj, mlp.up_proj], fuse)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
