@@ -18,20 +18,34 @@
 // banks and equal ones are broadcast, so this load is conflict-free as well.
 //
 // Work split. K is cut into windows of 32 groups (512 weights): lane l of every warp owns group
-// l of the window, so a warp reads one row's 224 window bytes (d = 2) in one coalesced sweep, and
-// each lane needs the tables of its own group only. A block builds the tables of one window in
-// shared memory and its warps take batches of 8 rows from a shared counter; each lane computes
-// scale * dot of its group for the 8 rows, and a butterfly of shuffles adds the 32 groups of
-// each row. Window partial sums go to a float32 buffer [windows, N] that a second kernel adds
-// in window order (split_sums.cuh): deterministic, so CUDA-graph replays equal eager calls.
-// Blocks are persistent (one per SM: the tables take 128 KB) and own a contiguous range of
-// (window, batch) items, so a block rebuilds its tables once or twice per call.
+// l of the window, so a row's 224 window bytes (d = 2) hold the groups of all 32 lanes, and each
+// lane needs the tables of its own group only. A block builds the tables of one window in shared
+// memory and its warps take batches of 8 rows in turn (warp w: the window's batches w, w + 24,
+// ...); each lane computes scale * dot of its group for the 8 rows, and a butterfly of shuffles
+// adds the 32 groups of each row. Window partial sums go to a float32 buffer [windows, N] that a
+// second kernel adds in window order (split_sums.cuh): deterministic, so CUDA-graph replays equal
+// eager calls. Blocks are persistent (one per SM: the tables take 128 KB) and own a contiguous
+// range of (window, batch) items, so a block rebuilds its tables once or twice per call.
 //
-// The table build is the fixed cost of a call; on the 1024- and 4096-row matrices of a Llama
-// layer it rivals the time spent streaming the weights. So a block first copies the window's 512
-// activations into shared memory, one coalesced load per thread, and fills the tables from
-// there: a build waits for one global load instead of one per table unit. Each warp's first
-// batch of weight bytes is requested before the build, so it arrives while the tables are made.
+// Weight bytes arrive by tensor copy (bulk_copy.cuh): each warp has two batch slots in shared
+// memory, and lane 0 asks the copy engine for a batch as one box (8 rows x the window's bytes;
+// rows past the weight's end land as zeros), counted on the slot's mbarrier. When a batch has
+// landed the lanes read their words into registers, the slot is refilled at once with the batch
+// after next, and the batch is computed: two batches per warp are in flight while one is
+// computed, one instruction asks for a batch (instead of 16 loads per lane), and no register
+// holds bytes in flight, so a block runs 24 warps of at most 80 registers. Measured
+// (docs/KERNEL_NOTES.md, x7): the warps' loop then streams the weights at about the memory's
+// speed; what is left of a call's time is the start of a window and the end of the call.
+//
+// The start of a window is the fixed cost of a block: the activations must arrive and the tables
+// be built (1 us) before any batch is computed. A block reads the window's 512 activations, one
+// per thread, into shared memory and fills the tables from there: a build waits for one global
+// load instead of one per table unit. At a block's first window the first two batches are
+// requested once the activations have arrived (not before, as x4-x6 did: its own requests would
+// delay them), and land while the tables are built; at a later window the activations were read
+// during the last one, and the requests go out before the block waits for its slowest warp. The
+// other blocks' requests still delay the activations of most blocks: at the start of a call the
+// x of a block arrives after 2-6 us (x7 in docs/KERNEL_NOTES.md).
 //
 // Several matrices that share x and K (q, k and v; gate and up) run as one call: they are the
 // "segments" of one output, out [1, N_1 + N_2 + ...], each with its own bytes and codebook. The
@@ -47,7 +61,8 @@
 //               v * 256 + 128 + 4 l : slot b = 1                   (second half unused)
 // The shared address of an entry is then  region | v << 8 | (slot * 128 + 4 l): one byte_perm
 // puts the packed byte v next to the lane's constant bytes (no add of a table base: the
-// regions' alignment makes the base part of those constant bytes).
+// regions' alignment makes the base part of those constant bytes). The batch slots fill the
+// shared memory below region A (the alignment slack) and above region B.
 //
 // Bytes the format forbids (>= 243, or a scale index past the codebook) read table rows that
 // exist (all 256 are filled, with finite values) and codebook entries that are zero, so corrupt
@@ -59,6 +74,7 @@
 
 #include <limits>
 
+#include "bulk_copy.cuh"
 #include "device_common.cuh"
 #include "launchers.h"
 #include "split_sums.cuh"
@@ -70,14 +86,23 @@ namespace {
 constexpr int kWindowGroups = 32;  // groups of a window: one per lane
 constexpr int kWindowWeights = kWindowGroups * kGroupSize;
 constexpr int kBatchRows = 8;      // rows a warp takes at a time
-constexpr int kWarps = 16;
+constexpr int kWarps = 24;
 constexpr int kThreads = kWarps * 32;
-static_assert(kThreads == kWindowWeights, "one thread stages one activation of a window");
+static_assert(kThreads >= kWindowWeights, "one thread stages one activation of a window");
+constexpr int kSlots = 2;          // batch slots per warp
 constexpr uint32_t kRegionBytes = 1u << 16;
-// Two 64 KB regions on a 64 KB boundary fit in 192 KB wherever the dynamic shared memory starts.
-constexpr int kSharedBytes = 3 * kRegionBytes;
+constexpr uint32_t kTableBytes = 2 * kRegionBytes;
 constexpr int kTableRow = 256;  // bytes between table rows
 constexpr int kSlotBytes = 128;  // bytes of one table's entries in a row (32 lanes x 4)
+// A batch slot holds 8 rows of one window: 8 x 224 bytes at d = 2, 8 x 128 at d = 1.
+constexpr uint32_t window_bytes(int depth) { return kWindowGroups * bytes_per_group(depth); }
+constexpr uint32_t batch_bytes(int depth) { return kBatchRows * window_bytes(depth); }
+// The dynamic shared memory: the two 64 KB-aligned table regions and the warps' batch slots,
+// wherever the window starts. The slack below region A and the space above region B add up to
+// kSharedBytes - 128 KB; cut into whole slots (128-byte aligned, as the copy engine wants them),
+// that loses less than one slot at each end and the alignment of the first.
+constexpr int kSharedBytes = int(kTableBytes + (kWarps * kSlots + 3) * batch_bytes(2));
+static_assert(kSharedBytes + 4096 <= 232448, "fits Hopper's 227 KB of shared memory per block");
 // The staged activations of a window, group g's 16 at g * kXStride: with 17 floats per group,
 // lanes reading the same position of their own groups hit 32 different banks.
 constexpr int kXStride = kGroupSize + 1;
@@ -88,7 +113,7 @@ constexpr uint32_t kDiv27 = 159072863u;  // ceil(2^32 / 27)
 
 // One matrix of a call (see "segments" at the top).
 struct Segment {
-  const uint8_t* packed;  // [rows, G * B], 8-byte aligned
+  CUtensorMap rows_map;   // packed [rows, G * B] in boxes of one batch's window bytes
   const float* codebook;
   int codebook_size;
   int rows;
@@ -100,7 +125,6 @@ struct XTableParams {
   const void* x;      // [K]
   float* partial;     // [windows, rows]
   int64_t in_features;
-  int64_t row_bytes;  // of every segment
   int rows;           // of all segments
   int windows;
   int batches;        // per window, of all segments
@@ -142,21 +166,23 @@ __device__ __forceinline__ int segment_of(const XTableParams& p, int batch) {
   return s;
 }
 
-// Segment s's codebook in shared memory, 27 entries, zero past its length (corrupt indices).
-__device__ void stage_codebooks(const XTableParams& p, float* codebooks) {
-  for (int e = threadIdx.x; e < p.segments * kCodebookStride; e += blockDim.x) {
-    const Segment& seg = p.segment[e / kCodebookStride];
-    const int i = e % kCodebookStride;
-    codebooks[e] = i < seg.codebook_size ? seg.codebook[i] : 0.f;
-  }
+// Thread t's entry of the codebooks in shared memory: entry t % 32 of segment t / 32's codebook,
+// zero past its 27 entries and its length (corrupt indices read those), or of none (t >= 128).
+__device__ __forceinline__ float codebook_entry(const XTableParams& p) {
+  const int s = threadIdx.x / kCodebookStride, i = threadIdx.x % kCodebookStride;
+  if (s >= p.segments) return 0.f;
+  const Segment& seg = p.segment[s];
+  return i < seg.codebook_size ? seg.codebook[i] : 0.f;
 }
 
-// The window's 512 activations as float, group g's at window_x[g * kXStride ...].
+// Thread t's activation of a window (t < 512): weight t's x as float, zero past K; staged at
+// window_x[(t / 16) * kXStride + t % 16] (group g's 16 at g * kXStride).
 template <typename T>
-__device__ void stage_window_x(const XTableParams& p, int window, float* window_x) {
+__device__ __forceinline__ float window_activation(const XTableParams& p, int window) {
   const int64_t k = int64_t(window) * kWindowWeights + threadIdx.x;
-  window_x[(threadIdx.x / kGroupSize) * kXStride + threadIdx.x % kGroupSize] =
-      k < p.in_features ? to_float(static_cast<const T*>(p.x)[k]) : 0.f;
+  return threadIdx.x < kWindowWeights && k < p.in_features
+             ? to_float(static_cast<const T*>(p.x)[k])
+             : 0.f;
 }
 
 // The x-tables of one window: for lane l's group and slot b (weights 5b..5b+4 of the group), row v
@@ -192,25 +218,40 @@ __device__ void build_x_tables(const float* window_x, uint32_t region_a) {
   }
 }
 
-// One row's window bytes of this lane's group, as loaded: 8 bytes at an 8-byte boundary and
-// (d = 2, when the group runs past them) the next 8.
+// One row's window bytes of this lane's group, as read from its batch slot: 8 bytes at an 8-byte
+// boundary and (d = 2, when the group runs past them) the next 8.
 struct GroupBytes {
   uint2 lo, hi;
 };
 
-// The lane's bytes of the rows of one batch, of which the first `valid` exist (kFull: all 8, no
-// checks). `at` points at the lane's 8-byte word in the batch's first row; `two_words` says
-// whether its group runs into the next word (d = 2, 7 l mod 8 >= 2).
-template <int DEPTH, bool kFull>
-__device__ __forceinline__ void load_batch(const uint8_t* at, int row_bytes, int valid,
-                                           bool two_words, GroupBytes (&g)[kBatchRows]) {
+// The shared address of slot `slot` of warp `warp`: slots fill the slack below the tables (from
+// `start`, the dynamic shared memory's first byte) and then the space above them.
+template <int DEPTH>
+__device__ __forceinline__ uint32_t slot_address(uint32_t start, uint32_t region_a, int warp,
+                                                 int slot) {
+  const int index = warp * kSlots + slot;
+  const int below = int((region_a - start) / batch_bytes(DEPTH));
+  return index < below ? start + index * batch_bytes(DEPTH)
+                       : region_a + kTableBytes + (index - below) * batch_bytes(DEPTH);
+}
+
+// The lane's bytes of the 8 rows of a landed batch (rows past the weight's end are zeros: their
+// sums are computed and dropped). `two_words` says whether the lane's group runs
+// into the next 8-byte word (d = 2, 7 l mod 8 >= 2).
+template <int DEPTH>
+__device__ __forceinline__ void read_batch(uint32_t slot, int lane, bool two_words,
+                                           GroupBytes (&g)[kBatchRows]) {
+  const uint32_t at = slot + ((bytes_per_group(DEPTH) * lane) & ~7);
 #pragma unroll
   for (int r = 0; r < kBatchRows; ++r) {
-    const uint2* word = reinterpret_cast<const uint2*>(at);
-    const bool here = kFull || r < valid;
-    g[r].lo = here ? __ldg(word) : make_uint2(0u, 0u);
-    g[r].hi = DEPTH == 2 && two_words && here ? __ldg(word + 1) : make_uint2(0u, 0u);
-    at += row_bytes;
+    const uint32_t word = at + r * window_bytes(DEPTH);
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(g[r].lo.x), "=r"(g[r].lo.y) : "r"(word));
+    if (DEPTH == 2 && two_words)
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                   : "=r"(g[r].hi.x), "=r"(g[r].hi.y)
+                   : "r"(word + 8));
+    else
+      g[r].hi = make_uint2(0u, 0u);
   }
 }
 
@@ -271,50 +312,82 @@ __device__ __forceinline__ float sum_rows_over_lanes(float (&v)[kBatchRows], int
 template <int DEPTH, typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     xtable_gemv_kernel(const __grid_constant__ XTableParams p) {
-  extern __shared__ __align__(16) unsigned char shared[];
+  extern __shared__ __align__(128) unsigned char shared[];
   __shared__ float window_x[kWindowGroups * kXStride];
   __shared__ float codebooks[kMaxSegments * kCodebookStride];
-  __shared__ int next_batch;  // of the block's current window
-  const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  __shared__ __align__(8) uint64_t landed[kWarps * kSlots];  // one mbarrier per batch slot
+  const uint32_t start = (static_cast<uint32_t>(__cvta_generic_to_shared(shared)) + 127) & ~127u;
   const uint32_t region_a = (start + kRegionBytes - 1) & ~(kRegionBytes - 1);
   const uint32_t codebooks_at = static_cast<uint32_t>(__cvta_generic_to_shared(codebooks));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const LaneTables tables(region_a, lane);
-  constexpr int kGroupBytes = bytes_per_group(DEPTH);
-  const bool two_words = DEPTH == 2 && ((kGroupBytes * lane) & 7) >= 2;
-  stage_codebooks(p, codebooks);  // read after the first barrier below
+  const bool two_words = DEPTH == 2 && ((bytes_per_group(DEPTH) * lane) & 7) >= 2;
+  static_assert(kSlots == 2, "slots 0 and 1 are picked by a select, not an array index");
+  const uint32_t slot0 = slot_address<DEPTH>(start, region_a, warp, 0);
+  const uint32_t slot1 = slot_address<DEPTH>(start, region_a, warp, 1);
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(&landed[warp * kSlots]));
+  const uint32_t bar1 = bar0 + 8;
+  if (lane == 0) {
+    mbarrier_init(bar0);
+    mbarrier_init(bar1);
+  }
+  uint32_t parity = 0;  // bit i: the parity of slot i's next phase
+  const float my_codebook_entry = codebook_entry(p);
 
   // This block's items (window * batches + batch): a contiguous share of all of them.
   const int64_t first = p.items * blockIdx.x / gridDim.x;
   const int64_t last = p.items * (blockIdx.x + 1) / gridDim.x;
+  // The activations of the block's next window, read one window ahead (below).
+  float next_activation = window_activation<T>(p, int(first / p.batches));
 
   for (int64_t item = first; item < last;) {
     const int window = int(item / p.batches);
     const int begin = int(item - int64_t(window) * p.batches);
     const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
-    const int64_t window_offset =
-        int64_t(window) * kWindowGroups * kGroupBytes + ((kGroupBytes * lane) & ~7);
+    const bool first_window = item == first;
+    const int64_t next_item = int64_t(window) * p.batches + end;
     float* window_out = p.partial + int64_t(window) * p.rows;
 
-    // Batches until the window's share is done, taken from the shared counter one ahead, so the
-    // loads of the next batch are in flight while this one is computed. Two buffers used in turn
-    // (a loop unrolled twice) keep the registers in place.
-    auto take = [&]() {
-      int b = 0;
-      if (lane == 0) b = atomicAdd(&next_batch, 1);
-      return __shfl_sync(0xffffffffu, b, 0);
-    };
-    auto load = [&](int batch, GroupBytes (&g)[kBatchRows]) {
-      if (batch >= end) return;
+    // Batch `batch` of the window into slot i (nothing past the block's share): lane 0 asks the
+    // copy engine for the box of 8 rows x the window's bytes.
+    auto request = [&](int batch, int i) {
+      if (lane != 0 || batch >= end) return;
       const Segment& seg = p.segment[segment_of(p, batch)];
-      const int row = (batch - seg.first_batch) * kBatchRows;
-      const uint8_t* at = seg.packed + window_offset + int64_t(row) * p.row_bytes;
-      if (row + kBatchRows <= seg.rows)
-        load_batch<DEPTH, true>(at, int(p.row_bytes), kBatchRows, two_words, g);
-      else
-        load_batch<DEPTH, false>(at, int(p.row_bytes), seg.rows - row, two_words, g);
+      const uint32_t bar = i ? bar1 : bar0;
+      mbarrier_expect_bytes(bar, batch_bytes(DEPTH));
+      copy_box_to_shared(i ? slot1 : slot0, &seg.rows_map, window * window_bytes(DEPTH),
+                         (batch - seg.first_batch) * kBatchRows, bar);
     };
-    auto compute = [&](int batch, const GroupBytes (&g)[kBatchRows], float x15) {
+    // The warp's batches of the window are begin + warp + kWarps j, batch j in slot j % 2; its
+    // slots are free (its requests of the last window have all been consumed). When the first
+    // two are requested: see "The start of a window" at the top.
+    if (!first_window) {
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) request(begin + warp + i * kWarps, i);
+    }
+    __syncthreads();  // the last window's batches are done with the tables and x
+    if (threadIdx.x < kWindowWeights)
+      window_x[(threadIdx.x / kGroupSize) * kXStride + threadIdx.x % kGroupSize] = next_activation;
+    __syncthreads();
+    if (first_window) {
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) request(begin + warp + i * kWarps, i);
+    }
+    if (next_item < last) next_activation = window_activation<T>(p, window + 1);
+    build_x_tables(window_x, region_a);
+    // Read at the kernel's start; needed from the first batch on.
+    if (threadIdx.x < kMaxSegments * kCodebookStride) codebooks[threadIdx.x] = my_codebook_entry;
+    __syncthreads();
+    const float x15 = window_x[lane * kXStride + 15];
+    int i = 0;
+    for (int batch = begin + warp; batch < end; batch += kWarps, i ^= 1) {
+      mbarrier_wait(i ? bar1 : bar0, (parity >> i) & 1);
+      parity ^= 1u << i;
+      GroupBytes g[kBatchRows];
+      read_batch<DEPTH>(i ? slot1 : slot0, lane, two_words, g);
+      __syncwarp();  // every lane has its words: the slot may be refilled
+      request(batch + kSlots * kWarps, i);
+
       const int s = segment_of(p, batch);
       const Segment& seg = p.segment[s];
       const uint32_t codebook = codebooks_at + 4 * kCodebookStride * s;
@@ -325,31 +398,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float sum = sum_rows_over_lanes(v, lane);
       const int row = (batch - seg.first_batch) * kBatchRows + ((lane >> 2) & 7);
       if ((lane & 3) == 0 && row < seg.rows) window_out[seg.first_row + row] = sum;
-    };
-    // Each warp's first batch of the window is fixed (begin + warp), so that its bytes are in
-    // flight while the tables are built; the others come from the shared counter.
-    GroupBytes a[kBatchRows], b[kBatchRows];
-    int batch = begin + warp;
-    __syncthreads();  // the last window's batches are done with the tables, x and the counter
-    load(batch, a);
-    stage_window_x<T>(p, window, window_x);
-    if (threadIdx.x == 0) next_batch = begin + kWarps;
-    __syncthreads();
-    build_x_tables(window_x, region_a);
-    __syncthreads();
-    const float x15 = window_x[lane * kXStride + 15];
-    while (batch < end) {
-      int following = take();
-      load(following, b);
-      compute(batch, a, x15);
-      batch = following;
-      if (batch >= end) break;
-      following = take();
-      load(following, a);
-      compute(batch, b, x15);
-      batch = following;
     }
-    item = int64_t(window) * p.batches + end;
+    item = next_item;
   }
 }
 
@@ -385,13 +435,17 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
   if (depth != 1 && depth != 2) return false;
   if (x.size(0) != 1) return false;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
-  // The 192 KB of tables plus the staged activations and codebooks.
-  if (props->sharedMemPerBlockOptin < size_t(kSharedBytes) + 4096) return false;
+  // The tables and batch slots plus the staged activations, codebooks and barriers; bulk copies
+  // (sm_90+), with the kernel built for them (a build for older GPUs only has no sm_90 code).
+  if (props->sharedMemPerBlockOptin < size_t(kSharedBytes) + 4096 || props->major < 9) return false;
+  cudaFuncAttributes built{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, xtable_gemv_kernel<2, __half>));
+  if (built.ptxVersion < 90) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
-  // Whole windows, and rows on 8-byte boundaries for the 8-byte loads (every row is, when the
+  // Whole windows, and rows on 16-byte boundaries for the bulk copies (every row is, when the
   // first is: a row of whole windows is a multiple of 32 * B bytes).
   // Rows and batch numbers in int.
-  return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 8 == 0 &&
+  return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
          packed.size(0) < (int64_t(1) << 30) && packed.size(1) < (int64_t(1) << 31);
 }
 
@@ -406,7 +460,6 @@ void xtable_gemv_into(const at::Tensor& x, at::TensorList packed, at::TensorList
   XTableParams p{};
   p.x = x.data_ptr();
   p.in_features = x.size(1);
-  p.row_bytes = packed[0].size(1);
   p.windows = int(num_groups(p.in_features) / kWindowGroups);
   p.segments = int(packed.size());
   int64_t rows = 0, batches = 0;
@@ -416,9 +469,9 @@ void xtable_gemv_into(const at::Tensor& x, at::TensorList packed, at::TensorList
       seg.first_batch = std::numeric_limits<int>::max();
       continue;
     }
-    TORCH_CHECK(packed[s].size(1) == p.row_bytes,
+    TORCH_CHECK(packed[s].size(1) == packed[0].size(1),
                 "tritllm: internal error: xtable_gemv weights of different K");
-    seg.packed = packed[s].data_ptr<uint8_t>();
+    seg.rows_map = byte_box_map(packed[s], kBatchRows, window_bytes(int(depth)));
     seg.codebook = codebooks[s].data_ptr<float>();
     seg.codebook_size = int(codebooks[s].numel());
     seg.rows = int(packed[s].size(0));
