@@ -236,8 +236,8 @@ __device__ __forceinline__ uint32_t slot_address(uint32_t start, uint32_t region
 }
 
 // The lane's bytes of the 8 rows of a landed batch (rows past the weight's end are zeros: their
-// sums are computed and dropped). `two_words` says whether the lane's group runs
-// into the next 8-byte word (d = 2, 7 l mod 8 >= 2).
+// sums are computed and dropped). `two_words` says whether the lane's group runs into the next
+// 8-byte word (d = 2, 7 l mod 8 >= 2).
 template <int DEPTH>
 __device__ __forceinline__ void read_batch(uint32_t slot, int lane, bool two_words,
                                            GroupBytes (&g)[kBatchRows]) {
