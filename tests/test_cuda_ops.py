@@ -39,7 +39,9 @@ RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 
 # (path, depth, dtype, M, N, K)
 PATH_CASES = [
     ("xtable", 2, torch.float16, 1, 37, 512),
-    ("xtable", 2, torch.bfloat16, 1, 300, 4608),   # 9 windows, blocks spanning two windows
+    ("xtable", 2, torch.bfloat16, 1, 300, 4608),   # 9 windows: split sums, blocks spanning two
+    ("xtable", 2, torch.float16, 1, 3001, 4096),   # 8 windows: clusters of 8, partial last batch
+    ("xtable", 1, torch.bfloat16, 1, 1003, 3584),  # 7 windows: clusters of 7 at depth 1
     ("xtable", 2, torch.float32, 1, 65, 4090),     # K % 16 != 0 but whole windows of groups
     ("xtable", 1, torch.float16, 1, 33, 1024),
     ("xtable", 1, torch.bfloat16, 1, 7, 512),      # fewer rows than a batch
@@ -366,7 +368,7 @@ def test_matmul_cat_bad_arguments_raise():
 
 @cuda_only
 @pytest.mark.parametrize("path,depth,dtype,m,n,k", [
-    ("xtable", 2, torch.float16, 1, 300, 4608),
+    ("xtable", 2, torch.float16, 1, 300, 4608), ("xtable", 2, torch.bfloat16, 1, 1000, 4096),
     ("lut", 2, torch.float16, 1, 300, 4352), ("generic", 3, torch.bfloat16, 4, 33, 100),
     ("tile", 2, torch.float16, 40, 64, 8192), ("tile", 2, torch.bfloat16, 70, 300, 1024),
     ("gemm", 2, torch.float16, 600, 65, 512)])

@@ -22,10 +22,24 @@
 // lane needs the tables of its own group only. A block builds the tables of one window in shared
 // memory and its warps take batches of 8 rows in turn (warp w: the window's batches w, w + 24,
 // ...); each lane computes scale * dot of its group for the 8 rows, and a butterfly of shuffles
-// adds the 32 groups of each row. Window partial sums go to a float32 buffer [windows, N] that a
-// second kernel adds in window order (split_sums.cuh): deterministic, so CUDA-graph replays equal
-// eager calls. Blocks are persistent (one per SM: the tables take 128 KB) and own a contiguous
-// range of (window, batch) items, so a block rebuilds its tables once or twice per call.
+// adds the 32 groups of each row. One block per SM (the tables take 128 KB). The windows' partial
+// sums of a row are added in window order (deterministic, so CUDA-graph replays equal eager
+// calls), in one of two ways:
+//
+// * Cluster sums, for K of at most 8 windows (4096 weights; q, k, v, o, gate and up of a Llama
+//   8B layer): the grid is cut into clusters of one block per window (cluster.cuh), and cluster q
+//   takes the q-th share of the rows. Block w of a cluster builds the tables of window w once and
+//   streams its window of the cluster's rows, keeping each row's sum in its shared memory; after
+//   a cluster barrier each block adds its slice of the rows over the cluster's blocks (reading
+//   their shared memory) and writes `out`. One launch, one table build per block and no partial
+//   buffer in global memory. The grid has as many clusters as the GPU runs at once; a cluster's
+//   blocks must share one processing cluster of SMs, so on an H100 (132 SMs) 15 clusters of 8
+//   run, on 120 SMs. Even so 28672x4096 took 28 us instead of 32 (docs/KERNEL_NOTES.md, x8).
+// * Split sums, for longer K (down: 28 windows): blocks are persistent and own a contiguous range
+//   of (window, batch) items, so a block rebuilds its tables once or twice per call; window
+//   partial sums go to a float32 buffer [windows, N] that a second kernel adds in window order
+//   (split_sums.cuh). With 28 windows a cluster (at most 8 blocks) would hold 4 windows per block
+//   of a few dozen batches each, and every window change waits for the block's slowest warp.
 //
 // Weight bytes arrive by tensor copy (bulk_copy.cuh): each warp has two batch slots in shared
 // memory, and lane 0 asks the copy engine for a batch as one box (8 rows x the window's bytes;
@@ -50,19 +64,21 @@
 // Several matrices that share x and K (q, k and v; gate and up) run as one call: they are the
 // "segments" of one output, out [1, N_1 + N_2 + ...], each with its own bytes and codebook. The
 // batches of 8 rows are numbered across the segments (none straddles two), so the work split and
-// the tables are those of one matrix of N_1 + N_2 + ... rows: one launch, one table build per
-// block and one split sum instead of one of each per matrix.
+// the tables are those of one matrix of N_1 + N_2 + ... rows: one launch and one table build per
+// block instead of one of each per matrix.
 //
 // Table layout: bank-conflict free and one instruction per address. Every table row (one byte
 // value) has one 4-byte entry per lane, so whatever the bytes, lane l reads bank l. Rows are 256
 // bytes apart and hold two tables side by side (lanes' entries at +0 and +128), in two 64 KB
 // regions that start on a 64 KB boundary of the shared window:
 //     region A: v * 256 +   0 + 4 l : slot b = 0         region B: v * 256 +   0 + 4 l : b = 2
-//               v * 256 + 128 + 4 l : slot b = 1                   (second half unused)
+//               v * 256 + 128 + 4 l : slot b = 1                   v * 256 + 128 + 4 l : sums
 // The shared address of an entry is then  region | v << 8 | (slot * 128 + 4 l): one byte_perm
 // puts the packed byte v next to the lane's constant bytes (no add of a table base: the
 // regions' alignment makes the base part of those constant bytes). The batch slots fill the
-// shared memory below region A (the alignment slack) and above region B.
+// shared memory below region A (the alignment slack) and above region B. The second halves of
+// region B's rows hold the row sums of the cluster sums: 256 x 32 floats, so a cluster takes at
+// most 8192 rows (1024 batches); more rows get more clusters than fit on the GPU at once.
 //
 // Bytes the format forbids (>= 243, or a scale index past the codebook) read table rows that
 // exist (all 256 are filled, with finite values) and codebook entries that are zero, so corrupt
@@ -77,6 +93,7 @@
 #include <limits>
 
 #include "bulk_copy.cuh"
+#include "cluster.cuh"
 #include "device_common.cuh"
 #include "launchers.h"
 #include "split_sums.cuh"
@@ -112,6 +129,11 @@ constexpr int kCodebookStride = 32;  // floats per segment's codebook in shared 
 constexpr int kMaxSegments = int(kXtableMaxWeights);
 // floor(t / 27) = umulhi(t, kDiv27) for every byte t.
 constexpr uint32_t kDiv27 = 159072863u;  // ceil(2^32 / 27)
+// Cluster sums: one block per window, so at most 8 windows (the portable cluster size), and at
+// most 8192 rows per cluster (the row sums' space in region B, above).
+constexpr int kMaxClusterBlocks = 8;
+constexpr int kClusterSumRows = int(kRegionBytes / kTableRow) * (kSlotBytes / 4);
+constexpr int kClusterMaxBatches = kClusterSumRows / kBatchRows;
 
 // One matrix of a call (see "segments" at the top).
 struct Segment {
@@ -125,7 +147,8 @@ struct Segment {
 
 struct XTableParams {
   const void* x;      // [K]
-  float* partial;     // [windows, rows]
+  void* out;          // [rows], written by the cluster sums
+  float* partial;     // [windows, rows], for the split sums
   int64_t in_features;
   int rows;           // of all segments
   int windows;
@@ -159,6 +182,12 @@ struct LaneTables {
         slot1(region_a + kSlotBytes + 4 * lane),
         slot2(region_a + kRegionBytes + 4 * lane) {}
 };
+
+// Cluster sums: the shared address of row sum e (of the cluster's rows), in the unused second
+// halves of region B's rows.
+__device__ __forceinline__ uint32_t row_sum_address(uint32_t region_a, int e) {
+  return region_a + kRegionBytes + (e / 32) * kTableRow + kSlotBytes + 4 * (e % 32);
+}
 
 // The segment that batch `batch` (numbered across segments) belongs to.
 __device__ __forceinline__ int segment_of(const XTableParams& p, int batch) {
@@ -311,7 +340,28 @@ __device__ __forceinline__ float sum_rows_over_lanes(float (&v)[kBatchRows], int
   return s;
 }
 
-template <int DEPTH, typename T>
+// Cluster sums, after the cluster's blocks have streamed their windows of the cluster's batches
+// [begin, end): each block adds its slice of the rows over the blocks, in window order, and
+// writes them to out.
+template <typename T>
+__device__ void add_cluster_sums(const XTableParams& p, uint32_t region_a, int begin, int end) {
+  cluster_sync();  // every block's row sums are in its shared memory
+  const int rows = (end - begin) * kBatchRows, blocks = cluster_blocks(), rank = cluster_rank();
+  const int last = int(int64_t(rows) * (rank + 1) / blocks);
+  for (int e = int(int64_t(rows) * rank / blocks) + threadIdx.x; e < last; e += blockDim.x) {
+    const int batch = begin + e / kBatchRows;
+    const Segment& seg = p.segment[segment_of(p, batch)];
+    const int row = (batch - seg.first_batch) * kBatchRows + e % kBatchRows;
+    if (row >= seg.rows) continue;  // the zero rows of a segment's partial last batch
+    float sum = 0.f;
+    for (int b = 0; b < blocks; ++b) sum += load_from_block(row_sum_address(region_a, e), b);
+    static_cast<T*>(p.out)[seg.first_row + row] = from_float<T>(sum);
+  }
+  cluster_sync();  // no block leaves while another reads its shared memory
+}
+
+// CLUSTER_SUMS: see "Cluster sums" and "Split sums" at the top.
+template <int DEPTH, typename T, bool CLUSTER_SUMS>
 __global__ void __launch_bounds__(kThreads, 1)
     xtable_gemv_kernel(const __grid_constant__ XTableParams p) {
   extern __shared__ __align__(128) unsigned char shared[];
@@ -336,9 +386,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t parity = 0;  // bit i: the parity of slot i's next phase
   const float my_codebook_entry = codebook_entry(p);
 
-  // This block's items (window * batches + batch): a contiguous share of all of them.
-  const int64_t first = p.items * blockIdx.x / gridDim.x;
-  const int64_t last = p.items * (blockIdx.x + 1) / gridDim.x;
+  // This block's items (window * batches + batch). Cluster sums: the cluster's share of the
+  // batches in the block's window; split sums: a contiguous share of all items.
+  int cluster_begin = 0, cluster_end = 0;
+  int64_t first, last;
+  if (CLUSTER_SUMS) {
+    const int cluster = cluster_index(), clusters = cluster_count();
+    cluster_begin = int(int64_t(p.batches) * cluster / clusters);
+    cluster_end = int(int64_t(p.batches) * (cluster + 1) / clusters);
+    first = int64_t(cluster_rank()) * p.batches + cluster_begin;
+    last = int64_t(cluster_rank()) * p.batches + cluster_end;
+  } else {
+    first = p.items * blockIdx.x / gridDim.x;
+    last = p.items * (blockIdx.x + 1) / gridDim.x;
+  }
   // The activations of the block's next window, read one window ahead (below).
   float next_activation = window_activation<T>(p, int(first / p.batches));
 
@@ -348,7 +409,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
     const bool first_window = item == first;
     const int64_t next_item = int64_t(window) * p.batches + end;
-    float* window_out = p.partial + int64_t(window) * p.rows;
 
     // Batch `batch` of the window into slot i (nothing past the block's share): lane 0 asks the
     // copy engine for the box of 8 rows x the window's bytes.
@@ -398,25 +458,84 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int r = 0; r < kBatchRows; ++r)
         v[r] = group_value<DEPTH>(g[r], lane, tables, codebook, x15);
       const float sum = sum_rows_over_lanes(v, lane);
-      const int row = (batch - seg.first_batch) * kBatchRows + ((lane >> 2) & 7);
-      if ((lane & 3) == 0 && row < seg.rows) window_out[seg.first_row + row] = sum;
+      const int r = (lane >> 2) & 7, row = (batch - seg.first_batch) * kBatchRows + r;
+      if ((lane & 3) == 0) {  // the lanes that hold a row's sum
+        if (CLUSTER_SUMS)
+          sts(row_sum_address(region_a, (batch - cluster_begin) * kBatchRows + r), sum);
+        else if (row < seg.rows)
+          p.partial[int64_t(window) * p.rows + seg.first_row + row] = sum;
+      }
     }
     item = next_item;
   }
+  if (CLUSTER_SUMS) add_cluster_sums<T>(p, region_a, cluster_begin, cluster_end);
+}
+
+// How many clusters of `blocks` blocks of `kernel` the current device runs at once (0 if none),
+// asked once per device and cluster size: every instantiation of the kernel runs one block per SM
+// (its shared memory), so they share the answer.
+int max_active_clusters(const void* kernel, int blocks) {
+  static std::array<std::atomic<int>, 64 * (kMaxClusterBlocks + 1)> answer{};  // 0: not asked
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::atomic<int>* known =
+      device < 64 ? &answer[device * (kMaxClusterBlocks + 1) + blocks] : nullptr;
+  if (known != nullptr && known->load(std::memory_order_relaxed) != 0) return *known - 1;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = blocks;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSharedBytes;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  if (known != nullptr) known->store(clusters + 1, std::memory_order_relaxed);
+  return clusters;
 }
 
 template <int DEPTH, typename T>
 void launch(const XTableParams& p_in, const at::Tensor& out) {
   XTableParams p = p_in;
-  auto kernel = xtable_gemv_kernel<DEPTH, T>;
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  // Window partials, even for one window: the kernel never writes `out`.
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (p.windows <= kMaxClusterBlocks) {
+    auto kernel = xtable_gemv_kernel<DEPTH, T, true>;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+    const int active = max_active_clusters(reinterpret_cast<const void*>(kernel), p.windows);
+    if (active > 0) {
+      // As many clusters as run at once, or more where a cluster would get more rows than its
+      // blocks' shared memory holds sums for; none without a batch.
+      const int clusters = int(std::min<int64_t>(
+          p.batches, std::max<int64_t>(active, (p.batches + kClusterMaxBatches - 1) /
+                                                   kClusterMaxBatches)));
+      p.out = out.data_ptr();
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = p.windows;
+      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(clusters * p.windows);
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = kSharedBytes;
+      config.stream = stream;
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+      return;
+    }
+  }
+  auto kernel = xtable_gemv_kernel<DEPTH, T, false>;
+  // Window partials, even for one window: this kernel never writes `out`.
   const at::Tensor partial = at::empty({p.windows, p.rows}, out.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
-  const int grid = int(std::min<int64_t>(p.items, props->multiProcessorCount));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int grid = int(std::min<int64_t>(p.items, sms));
   kernel<<<grid, kThreads, kSharedBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   add_split_partials<T>(partial, out, stream);
@@ -441,7 +560,7 @@ bool built_for_tensor_copies() {
   std::atomic<int>* known = device < int(answer.size()) ? &answer[device] : nullptr;
   if (known != nullptr && known->load(std::memory_order_relaxed) != 0) return *known > 0;
   cudaFuncAttributes built{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, xtable_gemv_kernel<2, __half>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, xtable_gemv_kernel<2, __half, true>));
   if (known != nullptr) known->store(built.ptxVersion >= 90 ? 1 : -1, std::memory_order_relaxed);
   return built.ptxVersion >= 90;
 }

@@ -1,0 +1,81 @@
+// Hopper's thread-block clusters (sm_90+): blocks launched together as a cluster run at the same
+// time on one GPU processing cluster, can wait for each other at a cluster barrier and read each
+// other's shared memory. Used by xtable_gemv.cu to add the partial sums of a cluster's blocks
+// without a second kernel. A kernel launched without a cluster size is a cluster of one block.
+#pragma once
+
+#include <cstdint>
+
+#include "bulk_copy.cuh"
+
+namespace tritllm {
+namespace cuda {
+
+// This block's rank in its cluster (0 .. cluster_blocks() - 1), the cluster's size, the
+// cluster's index in the grid and the number of clusters (1-D grids and clusters).
+__device__ __forceinline__ int cluster_rank() {
+  uint32_t v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(v));
+#else
+  bulk_copy_unsupported();
+#endif
+  return int(v);
+}
+__device__ __forceinline__ int cluster_blocks() {
+  uint32_t v = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(v));
+#else
+  bulk_copy_unsupported();
+#endif
+  return int(v);
+}
+__device__ __forceinline__ int cluster_index() {
+  uint32_t v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(v));
+#else
+  bulk_copy_unsupported();
+#endif
+  return int(v);
+}
+__device__ __forceinline__ int cluster_count() {
+  uint32_t v = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(v));
+#else
+  bulk_copy_unsupported();
+#endif
+  return int(v);
+}
+
+// Every thread of every block of the cluster waits here; what each wrote to shared memory before
+// is then visible to all of them (release on arrival, acquire on the wait).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;" ::
+          : "memory");
+#else
+  bulk_copy_unsupported();
+#endif
+}
+
+// The float at shared address `address` (as this block sees its own shared memory) of the
+// cluster's block `rank`: every block of a kernel has the same shared-memory layout.
+__device__ __forceinline__ float load_from_block(uint32_t address, int rank) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+#else
+  bulk_copy_unsupported();
+#endif
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace tritllm
