@@ -408,6 +408,30 @@ def test_runs_on_the_current_stream():
     assert torch.equal(unpacked.cpu(), w.host.dense(torch.float16))
 
 
+@cuda_only
+@pytest.mark.parametrize("k", [4096, 4608])  # x-table cluster sums; split sums
+def test_inputs_written_by_the_kernel_just_before(k):
+    """The x-table kernel and its split-sum kernel may start before the kernel ahead of them on
+    the stream ends (csrc/cuda/dependent_launch.cuh): they must still see every byte that kernel
+    wrote to x, the weight and the codebook, and not write out while it still reads it. Each
+    product here follows element-wise kernels that write all three inputs, alternating between
+    two weights, in one buffer each; and the next kernel reads out."""
+    ws = [CudaWeight(3000, k, 2, seed=s, exact=True) for s in (1, 2)]
+    xs = [activations((1, k), torch.float16, seed=s, exact=True).to(DEVICE) for s in (3, 4)]
+    refs = [[reference(x.cpu(), w).half().to(DEVICE) for w in ws] for x in xs]
+    packed, codebook = torch.empty_like(ws[0].packed), torch.empty_like(ws[0].codebook)
+    x = torch.empty_like(xs[0])
+    mismatches = torch.zeros((), dtype=torch.int64, device=DEVICE)  # read once: no sync per step
+    for step in range(40):
+        w, xi = step % 2, (step // 2) % 2
+        torch.bitwise_xor(ws[w].packed, 0, out=packed)  # kernels, not copies
+        torch.mul(ws[w].codebook, 1.0, out=codebook)
+        torch.mul(xs[xi], 1.0, out=x)
+        y = torch.ops.tritllm.matmul(x, packed, codebook, 2, k)
+        mismatches += (y != refs[xi][w]).sum()
+    assert int(mismatches) == 0
+
+
 class _TritModule(torch.nn.Module):
     def __init__(self, w):
         super().__init__()

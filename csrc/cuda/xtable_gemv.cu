@@ -94,6 +94,7 @@
 
 #include "bulk_copy.cuh"
 #include "cluster.cuh"
+#include "dependent_launch.cuh"
 #include "device_common.cuh"
 #include "launchers.h"
 #include "split_sums.cuh"
@@ -384,6 +385,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbarrier_init(bar1);
   }
   uint32_t parity = 0;  // bit i: the parity of slot i's next phase
+  // Launched early (dependent_launch.cuh): the set-up above overlaps the end of the kernel before;
+  // everything below reads its inputs or writes outputs.
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   const float my_codebook_entry = codebook_entry(p);
 
   // This block's items (window * batches + batch). Cluster sums: the cluster's share of the
@@ -481,18 +486,9 @@ int max_active_clusters(const void* kernel, int blocks) {
   std::atomic<int>* known =
       device < 64 ? &answer[device * (kMaxClusterBlocks + 1) + blocks] : nullptr;
   if (known != nullptr && known->load(std::memory_order_relaxed) != 0) return *known - 1;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = blocks;
-  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kSharedBytes;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  const LaunchConfig config(dim3(blocks), dim3(kThreads), kSharedBytes, nullptr, false, blocks);
   int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, config.get()));
   if (known != nullptr) known->store(clusters + 1, std::memory_order_relaxed);
   return clusters;
 }
@@ -513,18 +509,9 @@ void launch(const XTableParams& p_in, const at::Tensor& out) {
           p.batches, std::max<int64_t>(active, (p.batches + kClusterMaxBatches - 1) /
                                                    kClusterMaxBatches)));
       p.out = out.data_ptr();
-      cudaLaunchAttribute cluster{};
-      cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim.x = p.windows;
-      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(clusters * p.windows);
-      config.blockDim = dim3(kThreads);
-      config.dynamicSmemBytes = kSharedBytes;
-      config.stream = stream;
-      config.attrs = &cluster;
-      config.numAttrs = 1;
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+      const LaunchConfig config(dim3(clusters * p.windows), dim3(kThreads), kSharedBytes, stream,
+                                true, p.windows);
+      C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
       return;
     }
   }
@@ -536,9 +523,9 @@ void launch(const XTableParams& p_in, const at::Tensor& out) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int grid = int(std::min<int64_t>(p.items, sms));
-  kernel<<<grid, kThreads, kSharedBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  add_split_partials<T>(partial, out, stream);
+  const LaunchConfig config(dim3(grid), dim3(kThreads), kSharedBytes, stream, true);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
+  add_split_partials<T>(partial, out, stream, /*early=*/true);
 }
 
 template <int DEPTH>
