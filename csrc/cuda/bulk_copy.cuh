@@ -82,6 +82,16 @@ __device__ __forceinline__ void copy_box_to_shared(uint32_t dst, const CUtensorM
 #endif
 }
 
+// Brings the tensor map at generic address `map` (a __grid_constant__ kernel parameter) into the
+// copy engine's descriptor cache ahead of the first copy that uses it.
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+#else
+  bulk_copy_unsupported();
+#endif
+}
+
 // The map of `array`, a contiguous uint8 matrix [rows, columns] (16-byte aligned, columns a
 // multiple of 16), for boxes of `box_rows` x `box_columns` bytes (box_columns a multiple of 16,
 // both at most 256). Host code; the driver function comes through the runtime, so the extension

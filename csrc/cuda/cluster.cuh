@@ -63,6 +63,19 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// Every thread of every block of the cluster waits here, with no promise about memory: for a
+// block that must not leave while others may still read its shared memory.
+__device__ __forceinline__ void cluster_wait_for_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "barrier.cluster.arrive.relaxed.aligned;\n"
+      "barrier.cluster.wait.aligned;" ::
+          : "memory");
+#else
+  bulk_copy_unsupported();
+#endif
+}
+
 // The float at shared address `address` (as this block sees its own shared memory) of the
 // cluster's block `rank`: every block of a kernel has the same shared-memory layout.
 __device__ __forceinline__ float load_from_block(uint32_t address, int rank) {
@@ -70,7 +83,7 @@ __device__ __forceinline__ float load_from_block(uint32_t address, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote));
 #else
   bulk_copy_unsupported();
 #endif

@@ -354,11 +354,18 @@ __device__ void add_cluster_sums(const XTableParams& p, uint32_t region_a, int b
     const Segment& seg = p.segment[segment_of(p, batch)];
     const int row = (batch - seg.first_batch) * kBatchRows + e % kBatchRows;
     if (row >= seg.rows) continue;  // the zero rows of a segment's partial last batch
+    // All the loads first, then the sum: one remote latency per row, not one per block.
+    float part[kMaxClusterBlocks];
+#pragma unroll
+    for (int b = 0; b < kMaxClusterBlocks; ++b)
+      part[b] = b < blocks ? load_from_block(row_sum_address(region_a, e), b) : 0.f;
     float sum = 0.f;
-    for (int b = 0; b < blocks; ++b) sum += load_from_block(row_sum_address(region_a, e), b);
+#pragma unroll
+    for (int b = 0; b < kMaxClusterBlocks; ++b)
+      if (b < blocks) sum += part[b];
     static_cast<T*>(p.out)[seg.first_row + row] = from_float<T>(sum);
   }
-  cluster_sync();  // no block leaves while another reads its shared memory
+  cluster_wait_for_all();  // no block leaves while another reads its shared memory
 }
 
 // CLUSTER_SUMS: see "Cluster sums" and "Split sums" at the top.
@@ -385,6 +392,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbarrier_init(bar1);
   }
   uint32_t parity = 0;  // bit i: the parity of slot i's next phase
+  // The weights' tensor maps are kernel parameters, which no kernel writes: fetched early.
+  if (threadIdx.x < p.segments) prefetch_tensor_map(&p.segment[threadIdx.x].rows_map);
   // Launched early (dependent_launch.cuh): the set-up above overlaps the end of the kernel before;
   // everything below reads its inputs or writes outputs.
   wait_for_previous_kernel();
