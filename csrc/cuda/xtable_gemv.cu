@@ -34,7 +34,7 @@
 //   their shared memory) and writes `out`. One launch, one table build per block and no partial
 //   buffer in global memory. The grid has as many clusters as the GPU runs at once; a cluster's
 //   blocks must share one processing cluster of SMs, so on an H100 (132 SMs) 15 clusters of 8
-//   run, on 120 SMs. Even so 28672x4096 took 28 us instead of 32 (docs/KERNEL_NOTES.md, x8).
+//   run, on 120 SMs. Even so 28672x4096 takes 27 us instead of 31 (docs/KERNEL_NOTES.md, x8).
 // * Split sums, for longer K (down: 28 windows): blocks are persistent and own a contiguous range
 //   of (window, batch) items, so a block rebuilds its tables once or twice per call; window
 //   partial sums go to a float32 buffer [windows, N] that a second kernel adds in window order
@@ -59,7 +59,9 @@
 // delay them), and land while the tables are built; at a later window the activations were read
 // during the last one, and the requests go out before the block waits for its slowest warp. The
 // other blocks' requests still delay the activations of most blocks: at the start of a call the
-// x of a block arrives after 2-6 us (x7 in docs/KERNEL_NOTES.md).
+// x of a block arrives after 2-6 us (x7 in docs/KERNEL_NOTES.md). The kernel is launched early
+// (dependent_launch.cuh): its blocks set up their barriers while the kernel before it ends, and
+// wait for it before they read anything.
 //
 // Several matrices that share x and K (q, k and v; gate and up) run as one call: they are the
 // "segments" of one output, out [1, N_1 + N_2 + ...], each with its own bytes and codebook. The
