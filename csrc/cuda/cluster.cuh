@@ -11,43 +11,27 @@
 namespace tritllm {
 namespace cuda {
 
-// This block's rank in its cluster (0 .. cluster_blocks() - 1), the cluster's size, the
-// cluster's index in the grid and the number of clusters (1-D grids and clusters).
-__device__ __forceinline__ int cluster_rank() {
-  uint32_t v = 0;
+// Where a block stands among the clusters of a 1-D grid of 1-D clusters.
+struct ClusterPlace {
+  int rank;    // of the block in its cluster, 0 .. blocks - 1
+  int blocks;  // of a cluster
+  int index;   // of the cluster in the grid
+  int count;   // clusters in the grid
+};
+
+__device__ __forceinline__ ClusterPlace cluster_place() {
+  uint32_t rank = 0, blocks = 1, index = 0, count = 1;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(v));
+  asm volatile(
+      "mov.u32 %0, %%cluster_ctarank;\n"
+      "mov.u32 %1, %%cluster_nctarank;\n"
+      "mov.u32 %2, %%clusterid.x;\n"
+      "mov.u32 %3, %%nclusterid.x;"
+      : "=r"(rank), "=r"(blocks), "=r"(index), "=r"(count));
 #else
   bulk_copy_unsupported();
 #endif
-  return int(v);
-}
-__device__ __forceinline__ int cluster_blocks() {
-  uint32_t v = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(v));
-#else
-  bulk_copy_unsupported();
-#endif
-  return int(v);
-}
-__device__ __forceinline__ int cluster_index() {
-  uint32_t v = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(v));
-#else
-  bulk_copy_unsupported();
-#endif
-  return int(v);
-}
-__device__ __forceinline__ int cluster_count() {
-  uint32_t v = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(v));
-#else
-  bulk_copy_unsupported();
-#endif
-  return int(v);
+  return {int(rank), int(blocks), int(index), int(count)};
 }
 
 // Every thread of every block of the cluster waits here; what each wrote to shared memory before

@@ -1,4 +1,4 @@
-// Programmatic dependent launch (sm_90+): a kernel launched with launch_config(..., early = true)
+// Programmatic dependent launch (sm_90+): a kernel launched with a LaunchConfig made with `early`
 // may start while the kernel before it on the stream is still running, so its launch and its
 // set-up overlap that kernel's last blocks instead of following them. Its threads must call
 // wait_for_previous_kernel() before they read anything an earlier kernel may write (activations,
@@ -28,7 +28,7 @@ __device__ __forceinline__ void let_next_kernel_start() {
 }
 
 // The launch configuration of a kernel on `stream`: launched early (above) or not, and in
-// clusters of `cluster_blocks` blocks (1-D; 0: no clusters). For cudaLaunchKernelEx(&config(),
+// clusters of `cluster_blocks` blocks (1-D; 0: no clusters). For cudaLaunchKernelEx(config.get(),
 // kernel, args...); not copyable, because the configuration points at its own attributes.
 class LaunchConfig {
  public:

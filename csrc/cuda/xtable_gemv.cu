@@ -349,9 +349,11 @@ __device__ __forceinline__ float sum_rows_over_lanes(float (&v)[kBatchRows], int
 template <typename T>
 __device__ void add_cluster_sums(const XTableParams& p, uint32_t region_a, int begin, int end) {
   cluster_sync();  // every block's row sums are in its shared memory
-  const int rows = (end - begin) * kBatchRows, blocks = cluster_blocks(), rank = cluster_rank();
-  const int last = int(int64_t(rows) * (rank + 1) / blocks);
-  for (int e = int(int64_t(rows) * rank / blocks) + threadIdx.x; e < last; e += blockDim.x) {
+  const ClusterPlace place = cluster_place();
+  const int rows = (end - begin) * kBatchRows, blocks = place.blocks;
+  const int last = int(int64_t(rows) * (place.rank + 1) / blocks);
+  for (int e = int(int64_t(rows) * place.rank / blocks) + threadIdx.x; e < last;
+       e += blockDim.x) {
     const int batch = begin + e / kBatchRows;
     const Segment& seg = p.segment[segment_of(p, batch)];
     const int row = (batch - seg.first_batch) * kBatchRows + e % kBatchRows;
@@ -407,11 +409,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   int cluster_begin = 0, cluster_end = 0;
   int64_t first, last;
   if (CLUSTER_SUMS) {
-    const int cluster = cluster_index(), clusters = cluster_count();
-    cluster_begin = int(int64_t(p.batches) * cluster / clusters);
-    cluster_end = int(int64_t(p.batches) * (cluster + 1) / clusters);
-    first = int64_t(cluster_rank()) * p.batches + cluster_begin;
-    last = int64_t(cluster_rank()) * p.batches + cluster_end;
+    const ClusterPlace place = cluster_place();  // the block's window is its rank
+    cluster_begin = int(int64_t(p.batches) * place.index / place.count);
+    cluster_end = int(int64_t(p.batches) * (place.index + 1) / place.count);
+    first = int64_t(place.rank) * p.batches + cluster_begin;
+    last = int64_t(place.rank) * p.batches + cluster_end;
   } else {
     first = p.items * blockIdx.x / gridDim.x;
     last = p.items * (blockIdx.x + 1) / gridDim.x;
