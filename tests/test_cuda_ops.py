@@ -408,16 +408,17 @@ def test_runs_on_the_current_stream():
     assert torch.equal(unpacked.cpu(), w.host.dense(torch.float16))
 
 
+# (M, K): the x-table kernel with cluster sums, with split sums; tile_gemm with K split
 @cuda_only
-@pytest.mark.parametrize("k", [4096, 4608])  # x-table cluster sums; split sums
-def test_inputs_written_by_the_kernel_just_before(k):
-    """The x-table kernel and its split-sum kernel may start before the kernel ahead of them on
-    the stream ends (csrc/cuda/dependent_launch.cuh): they must still see every byte that kernel
-    wrote to x, the weight and the codebook, and not write out while it still reads it. Each
-    product here follows element-wise kernels that write all three inputs, alternating between
-    two weights, in one buffer each; and the next kernel reads out."""
+@pytest.mark.parametrize("m,k", [(1, 4096), (1, 4608), (8, 4096)])
+def test_inputs_written_by_the_kernel_just_before(m, k):
+    """The x-table and tile kernels and their split-sum kernels may start before the kernel ahead
+    of them on the stream ends (csrc/cuda/dependent_launch.cuh): they must still see every byte
+    that kernel wrote to x, the weight and the codebook, and not write out while it still reads
+    it. Each product here follows element-wise kernels that write all three inputs, alternating
+    between two weights, in one buffer each; and the next kernel reads out."""
     ws = [CudaWeight(3000, k, 2, seed=s, exact=True) for s in (1, 2)]
-    xs = [activations((1, k), torch.float16, seed=s, exact=True).to(DEVICE) for s in (3, 4)]
+    xs = [activations((m, k), torch.float16, seed=s, exact=True).to(DEVICE) for s in (3, 4)]
     refs = [[reference(x.cpu(), w).half().to(DEVICE) for w in ws] for x in xs]
     packed, codebook = torch.empty_like(ws[0].packed), torch.empty_like(ws[0].codebook)
     x = torch.empty_like(xs[0])

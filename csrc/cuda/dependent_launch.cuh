@@ -6,11 +6,15 @@
 // earlier kernel has finished and its writes are visible. let_next_kernel_start() lets a kernel
 // launched early after this one start. Without an early launch both calls do nothing.
 //
-// Only code compiled for sm_90+ may be launched early (older code has no wait instruction), so
-// the callers use it only for kernels whose launchers already check that (xtable_gemv.cu).
+// Only code compiled for sm_90+ may be launched early (older code has no wait instruction): the
+// launchers ask runs_sm90_code first.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
+
+#include <array>
+#include <atomic>
 
 namespace tritllm {
 namespace cuda {
@@ -25,6 +29,23 @@ __device__ __forceinline__ void let_next_kernel_start() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// Whether the code of `kernel` that runs on the current device was compiled for sm_90+. A build
+// for older GPUs only runs on a Hopper through the JIT of its PTX, without the sm_90 instructions
+// (tensor copies, the wait of an early launch). Every kernel of the extension is compiled for the
+// same GPUs (setup.py, CMakeLists.txt), so one kernel's answer holds for all, and it cannot change
+// while the process runs: each device is asked once, not on every call.
+inline bool runs_sm90_code(const void* kernel) {
+  static std::array<std::atomic<int>, 64> answer{};  // per device: 0 not asked, 1 yes, -1 no
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::atomic<int>* known = device < int(answer.size()) ? &answer[device] : nullptr;
+  if (known != nullptr && known->load(std::memory_order_relaxed) != 0) return *known > 0;
+  cudaFuncAttributes built{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, kernel));
+  if (known != nullptr) known->store(built.ptxVersion >= 90 ? 1 : -1, std::memory_order_relaxed);
+  return built.ptxVersion >= 90;
 }
 
 // The launch configuration of a kernel on `stream`: launched early (above) or not, and in

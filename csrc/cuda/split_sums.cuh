@@ -1,7 +1,7 @@
 // The second kernel of a split-K product: out[i] = sum over splits s of partial[s][i], added in
 // split order (deterministic, so CUDA-graph replays equal eager calls bit for bit) and rounded
-// once to the output type. Used by lut_gemv.cu, tile_gemm.cu and xtable_gemv.cu (launched early
-// after the x-table kernel: dependent_launch.cuh).
+// once to the output type. Used by lut_gemv.cu, tile_gemm.cu and xtable_gemv.cu (the last two
+// launch it early: dependent_launch.cuh).
 #pragma once
 
 #include <ATen/ATen.h>

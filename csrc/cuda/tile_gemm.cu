@@ -36,6 +36,10 @@
 //
 // Several weights that share x (matmul_cat: q, k and v; gate and up) share one slot-order pass and
 // take one launch each, which writes its own columns of the output (rows out_stride apart).
+//
+// Where the code was built for sm_90+, these kernels and their split sums are launched early
+// (dependent_launch.cuh): a launch overlaps the end of the kernel before it, and waits for it
+// before reading anything.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -43,6 +47,7 @@
 #include <algorithm>
 
 #include "cp_async.cuh"
+#include "dependent_launch.cuh"
 #include "launchers.h"
 #include "lut_decode.cuh"
 #include "split_sums.cuh"
@@ -79,6 +84,8 @@ template <typename T>
 __global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots, int tokens,
                                   int64_t in_features, int64_t groups, bool vector_loads) {
   const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  wait_for_previous_kernel();  // launched early: x may come from the kernel before
+  let_next_kernel_start();
   if (item >= tokens * groups) return;
   const int64_t m = item / groups, group = item % groups;
   const int64_t k0 = group * kGroupSize;
@@ -221,6 +228,9 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     cp_async_commit();  // one group per item, empty or not, so the wait count below holds
   };
 
+  // Launched early: what follows reads the inputs and writes the outputs.
+  wait_for_previous_kernel();
+  let_next_kernel_start();
   Item ahead{}, item{};
   enter_tile(ahead, blockIdx.x);
   enter_tile(item, blockIdx.x);
@@ -353,9 +363,10 @@ void launch(TileParams p, const at::Tensor& out) {
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   auto stream = at::cuda::getCurrentCUDAStream();
-  kernel<<<std::min(p.tiles, sms), kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  add_split_partials<T>(partials, out, stream);
+  const bool early = runs_sm90_code(reinterpret_cast<const void*>(kernel));
+  const LaunchConfig config(dim3(std::min(p.tiles, sms)), dim3(kThreads), smem, stream, early);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
+  add_split_partials<T>(partials, out, stream, early);
 }
 
 template <typename T>
@@ -363,10 +374,13 @@ void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t gro
   const int64_t items = x.size(0) * groups;
   const bool vector_loads =
       x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  slot_order_kernel<T><<<(items + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(x.data_ptr()), static_cast<T*>(slots.data_ptr()), int(x.size(0)),
-      x.size(1), groups, vector_loads);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto kernel = slot_order_kernel<T>;
+  const LaunchConfig config(dim3(unsigned((items + 255) / 256)), dim3(256), 0,
+                            at::cuda::getCurrentCUDAStream(),
+                            runs_sm90_code(reinterpret_cast<const void*>(kernel)));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, static_cast<const T*>(x.data_ptr()),
+                                    static_cast<T*>(slots.data_ptr()), int(x.size(0)), x.size(1),
+                                    groups, vector_loads));
 }
 
 // The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers allow

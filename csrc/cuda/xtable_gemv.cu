@@ -550,21 +550,6 @@ void launch_type(const XTableParams& p, const at::Tensor& x, const at::Tensor& o
   }
 }
 
-// Whether the kernel that runs on the current device was compiled for sm_90+ (a build for older
-// GPUs only would run their code through the JIT, without tensor copies). The answer cannot
-// change while the process runs, so each device is asked once, not on every one-token call.
-bool built_for_tensor_copies() {
-  static std::array<std::atomic<int>, 64> answer{};  // per device: 0 not asked, 1 yes, -1 no
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  std::atomic<int>* known = device < int(answer.size()) ? &answer[device] : nullptr;
-  if (known != nullptr && known->load(std::memory_order_relaxed) != 0) return *known > 0;
-  cudaFuncAttributes built{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&built, xtable_gemv_kernel<2, __half, true>));
-  if (known != nullptr) known->store(built.ptxVersion >= 90 ? 1 : -1, std::memory_order_relaxed);
-  return built.ptxVersion >= 90;
-}
-
 }  // namespace
 
 bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
@@ -574,7 +559,7 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
   // The tables and batch slots plus the staged activations, codebooks and barriers; tensor
   // copies (sm_90+), with the kernel built for them.
   if (props->sharedMemPerBlockOptin < size_t(kSharedBytes) + 4096 || props->major < 9 ||
-      !built_for_tensor_copies())
+      !runs_sm90_code(reinterpret_cast<const void*>(xtable_gemv_kernel<2, __half, true>)))
     return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole windows, and rows on 16-byte boundaries for the bulk copies (every row is, when the
