@@ -35,10 +35,11 @@
 //   buffer in global memory. The grid has as many clusters as the GPU runs at once; a cluster's
 //   blocks must share one processing cluster of SMs, so on an H100 (132 SMs) 15 clusters of 8
 //   run, on 120 SMs. Even so 28672x4096 takes 27 us instead of 31 (docs/KERNEL_NOTES.md, x8).
-// * Split sums, for longer K (down: 28 windows): blocks are persistent and own a contiguous range
-//   of (window, batch) items, so a block rebuilds its tables once or twice per call; window
-//   partial sums go to a float32 buffer [windows, N] that a second kernel adds in window order
-//   (split_sums.cuh). With 28 windows a cluster (at most 8 blocks) would hold 4 windows per block
+// * Split sums, for longer K (down: 28 windows): one block per SM, and each window has 4-5 of
+//   the blocks and cuts its batches among them (split_share), so a block builds one window's
+//   tables per call; window partial sums go to a float32 buffer [windows, N] that a second kernel
+//   adds in window order (split_sums.cuh). Only K past blocks x 512 weights makes a block take a
+//   contiguous range of (window, batch) items that crosses windows. With 28 windows a cluster (at most 8 blocks) would hold 4 windows per block
 //   of a few dozen batches each, and every window change waits for the block's slowest warp.
 //
 // Weight bytes arrive by tensor copy (bulk_copy.cuh): each warp has two batch slots in shared
@@ -198,6 +199,25 @@ __device__ __forceinline__ int segment_of(const XTableParams& p, int batch) {
 #pragma unroll
   for (int i = 1; i < kMaxSegments; ++i) s += batch >= p.segment[i].first_batch;
   return s;
+}
+
+// Split sums: this block's items [first, last). Where there are at least as many blocks as
+// windows, whole windows: window w has blocks ceil(w B / W) .. ceil((w + 1) B / W) - 1 (B blocks,
+// W windows) and cuts its batches evenly among them, so no block builds the tables of a second
+// window or waits for its slowest warp in between. Otherwise a contiguous share of all items.
+__device__ __forceinline__ void split_share(const XTableParams& p, int64_t& first, int64_t& last) {
+  const int64_t blocks = gridDim.x, windows = p.windows, b = blockIdx.x;
+  if (blocks < windows) {
+    first = p.items * b / blocks;
+    last = p.items * (b + 1) / blocks;
+    return;
+  }
+  const int64_t window = b * windows / blocks;
+  const int64_t window_first = (window * blocks + windows - 1) / windows;
+  const int64_t window_blocks = ((window + 1) * blocks + windows - 1) / windows - window_first;
+  const int64_t rank = b - window_first;
+  first = window * p.batches + p.batches * rank / window_blocks;
+  last = window * p.batches + p.batches * (rank + 1) / window_blocks;
 }
 
 // Thread t's entry of the codebooks in shared memory: entry t % 32 of segment t / 32's codebook,
@@ -405,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float my_codebook_entry = codebook_entry(p);
 
   // This block's items (window * batches + batch). Cluster sums: the cluster's share of the
-  // batches in the block's window; split sums: a contiguous share of all items.
+  // batches in the block's window; split sums: split_share.
   int cluster_begin = 0, cluster_end = 0;
   int64_t first, last;
   if (CLUSTER_SUMS) {
@@ -415,8 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     first = int64_t(place.rank) * p.batches + cluster_begin;
     last = int64_t(place.rank) * p.batches + cluster_end;
   } else {
-    first = p.items * blockIdx.x / gridDim.x;
-    last = p.items * (blockIdx.x + 1) / gridDim.x;
+    split_share(p, first, last);
   }
   // The activations of the block's next window, read one window ahead (below).
   float next_activation = window_activation<T>(p, int(first / p.batches));
