@@ -35,12 +35,13 @@
 //   buffer in global memory. The grid has as many clusters as the GPU runs at once; a cluster's
 //   blocks must share one processing cluster of SMs, so on an H100 (132 SMs) 15 clusters of 8
 //   run, on 120 SMs. Even so 28672x4096 takes 27 us instead of 31 (docs/KERNEL_NOTES.md, x8).
-// * Split sums, for longer K (down: 28 windows): one block per SM, and each window has 4-5 of
-//   the blocks and cuts its batches among them (split_share), so a block builds one window's
-//   tables per call; window partial sums go to a float32 buffer [windows, N] that a second kernel
-//   adds in window order (split_sums.cuh). Only K past blocks x 512 weights makes a block take a
-//   contiguous range of (window, batch) items that crosses windows. With 28 windows a cluster (at most 8 blocks) would hold 4 windows per block
-//   of a few dozen batches each, and every window change waits for the block's slowest warp.
+// * Split sums, for longer K (down: 28 windows): one block per SM, and each window has some of the
+//   blocks (4-5 on 132 SMs) and cuts its batches among them (split_share), so a block builds one
+//   window's tables per call; window partial sums go to a float32 buffer [windows, N] that a second
+//   kernel adds in window order (split_sums.cuh). Only K past blocks x 512 weights makes a block
+//   take a contiguous range of (window, batch) items that crosses windows. With 28 windows a
+//   cluster (at most 8 blocks) would hold 4 windows per block of a few dozen batches each, and
+//   every window change waits for the block's slowest warp.
 //
 // Weight bytes arrive by tensor copy (bulk_copy.cuh): each warp has two batch slots in shared
 // memory, and lane 0 asks the copy engine for a batch as one box (8 rows x the window's bytes;
