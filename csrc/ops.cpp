@@ -27,6 +27,11 @@ TORCH_LIBRARY(tritllm, m) {
   // product for many tokens); see csrc/cuda/register.cu.
   m.def("matmul_cat(Tensor x, Tensor[] packed, Tensor[] codebook, int depth, int in_features)"
         " -> Tensor");
+  // One decode step of attention over a static cache: rotates the token's q and k by the rotary
+  // tables at `position`, writes k and v into the caches there and returns softmax(scale q.K) V
+  // over positions 0..position, [B, heads * head_dim]. Shapes and rounding: decode_attention.h.
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor position,"
+        " Tensor(a!) key_cache, Tensor(b!) value_cache, float scale) -> Tensor");
 }
 
 // Inference only. Without an autograd kernel PyTorch would return an output with no grad_fn and
@@ -70,6 +75,21 @@ at::Tensor unpack_autograd(const at::Tensor& packed, const at::Tensor& codebook,
   return op.call(packed, codebook, depth, in_features, dtype);
 }
 
+at::Tensor decode_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cos, const at::Tensor& sin,
+                                    const at::Tensor& position, const at::Tensor& key_cache,
+                                    const at::Tensor& value_cache, double scale) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() &&
+                (q.requires_grad() || k.requires_grad() || v.requires_grad())),
+              "tritllm.decode_attention is inference-only: q, k or v requires grad under grad "
+              "mode. Wrap the call in torch.no_grad() / torch.inference_mode().");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tritllm::decode_attention", "")
+                       .typed<decltype(decode_attention_autograd)>();
+  return op.call(q, k, v, cos, sin, position, key_cache, value_cache, scale);
+}
+
 // matmul_cat on any device without a kernel of its own (the CPU): one matmul per weight.
 at::Tensor matmul_cat_each(const at::Tensor& x, at::TensorList packed, at::TensorList codebook,
                            int64_t depth, int64_t in_features) {
@@ -96,6 +116,7 @@ TORCH_LIBRARY_IMPL(tritllm, Autograd, m) {
   m.impl("matmul", matmul_autograd);
   m.impl("matmul_cat", matmul_cat_autograd);
   m.impl("unpack", unpack_autograd);
+  m.impl("decode_attention", decode_attention_autograd);
 }
 
 }  // namespace tritllm

@@ -70,6 +70,30 @@ def _matmul_cat_fake(x, packed, codebook, depth, in_features):
     return x.new_empty((*x.shape[:-1], sum(o.shape[-1] for o in outs)))
 
 
+@torch.library.register_fake("tritllm::decode_attention")
+def _decode_attention_fake(q, k, v, cos, sin, position, key_cache, value_cache, scale):
+    # The shape rules of csrc/decode_attention.cpp (check_decode_attention_args), same messages.
+    for name, t in (("k", k), ("v", v), ("cos", cos), ("sin", sin), ("key_cache", key_cache),
+                    ("value_cache", value_cache)):
+        torch._check(t.dtype == q.dtype, lambda: f"tritllm: decode_attention: {name} must have "
+                     f"q's dtype {q.dtype}, got {t.dtype}")
+    torch._check(key_cache.dim() == 4 and value_cache.shape == key_cache.shape,
+                 lambda: "tritllm: decode_attention: key_cache and value_cache must have one "
+                         f"shape [batch, kv_heads, max_len, head_dim], got "
+                         f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    batch, kv_heads, max_len, head_dim = key_cache.shape
+    width = kv_heads * head_dim
+    torch._check(q.dim() == 2 and q.shape[0] == batch and q.shape[1] >= width
+                 and q.shape[1] % width == 0,
+                 lambda: f"tritllm: decode_attention: q must have shape [{batch}, heads * "
+                         f"{head_dim}] with heads a multiple of the caches' {kv_heads} kv_heads, "
+                         f"got {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        torch._check(tuple(t.shape) == (batch, width), lambda: f"tritllm: decode_attention: "
+                     f"{name} must have shape [{batch}, {width}], got {tuple(t.shape)}")
+    return q.new_empty(q.shape)
+
+
 def matmul(x: torch.Tensor, tw) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] in x's dtype, for a TritWeight-like `tw` (attributes packed,
     codebook, depth, shape = (N, K))."""
