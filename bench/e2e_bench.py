@@ -9,8 +9,8 @@ One process builds a model with the real architecture's shapes and random weight
 nothing is downloaded), straight on the device, and measures it in floating point first; then
 it quantizes the same weights in place at depth d (lm_head stays floating point, as in the
 paper) and measures again. Every variant runs through tritllm_ext.generate.Generator (static KV
-cache; on CUDA one captured CUDA graph per decode step over a torch.compile'd decoder layer), so
-the ratios compare weights, not harnesses.
+cache, one attention op per layer; on CUDA one captured CUDA graph per decode step over
+torch.compile'd code between the attention ops), so the ratios compare weights, not harnesses.
 
 Measured per variant:
   decode tokens/s at each batch size: a prompt of --prompt-len random tokens, then
@@ -542,7 +542,7 @@ def report(result: dict, stem: str) -> None:
     print(table(result))
     print("(logit columns: against the floating-point model on one prompt; with random weights "
           "they show quantization noise, not model quality)")
-    modes = {f"{v['name']} B={b}": ("compiled" if r["compiled"] else "eager") + " layer, "
+    modes = {f"{v['name']} B={b}": ("compiled" if r["compiled"] else "eager") + ", "
              + ("CUDA graph" if r["cuda_graph"] else "no graph")
              for v in result["variants"] for b, r in v["decode"].items()}
     if len(set(modes.values())) > 1:

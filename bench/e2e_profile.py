@@ -1,10 +1,11 @@
 """Where the GPU time of one decode step goes: kernel time per step, grouped by kernel, of the
 Llama-3.1-8B-shaped model of bench/e2e_bench.py, in FP16 and quantized at d = 2.
 
-It runs the decode loop of tritllm_ext.generate (compiled layer, one CUDA graph per step) and
-records `--steps` graph replays with torch.profiler; kernels are grouped by the part of their
-name that says what they are (xtable_gemv, tile_gemm, sum_splits, triton for the compiled
-element-wise kernels, cuBLAS's nvjet kernels by full name, ...). The sum is kernel time only:
+It runs the decode loop of tritllm_ext.generate (compiled code between the attention ops, one
+CUDA graph per step) and records `--steps` graph replays with torch.profiler; kernels are
+grouped by the part of their name that says what they are (decode_attention, xtable_gemv,
+tile_gemm, sum_splits, triton for the compiled element-wise kernels, cuBLAS's nvjet kernels by
+full name, ...). The sum is kernel time only:
 the step's wall time also holds the gaps between kernels.
 
     python bench/e2e_profile.py                  # batch 1 FP16, batch 1 and 8 trit
@@ -26,9 +27,9 @@ from tritllm_ext.demo import build_random_llama, llama_config, rebuild_rotary  #
 from tritllm_ext.generate import Generator  # noqa: E402
 
 # Name fragments that group kernels; the first one a kernel's name contains is its group.
-GROUPS = ("xtable_gemv", "tile_gemm", "slot_order", "sum_splits", "lut_gemv", "unpack", "gemv",
-          "gemm", "flash", "softmax", "triton", "Memcpy", "Memset", "elementwise", "reduce",
-          "cat", "index")
+GROUPS = ("decode_attention", "xtable_gemv", "tile_gemm", "slot_order", "sum_splits", "lut_gemv",
+          "unpack", "gemv", "gemm", "flash", "softmax", "triton", "Memcpy", "Memset", "elementwise",
+          "reduce", "cat", "index")
 
 
 def group_of(kernel_name: str) -> str:

@@ -99,7 +99,7 @@ def test_on_token_callback_sees_every_step():
     assert torch.equal(torch.tensor(seen).T, out[:, ids.shape[1]:])
 
 
-def test_compiled_decoder_layer_gives_the_same_tokens():
+def test_compiled_decode_step_gives_the_same_tokens():
     # TritLinear inside torch.compile: the op's fake kernel lets it trace in one graph.
     model = quantize_model(tiny_model(), depth=2, progress=False)
     ids = prompt()

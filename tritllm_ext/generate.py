@@ -12,9 +12,12 @@ alike) with:
   up in another (on CUDA at batch 1 one kernel launch each instead of three and two; the gain is
   in docs/PERF.md). A prefill runs them one by one: its products are compute-bound, and fused
   they measured 1% slower. Dense layers always run one by one;
+* in a decode step, the rotation of q and k, the cache write and the attention over the cache as
+  one op, `torch.ops.tritllm.decode_attention` (on CUDA one kernel instead of about six);
 * on CUDA, one decode step (model forward, token choice, cache and position update) captured as
-  a CUDA graph and replayed; optionally (`compile=True`) every decoder layer runs through one
-  torch.compile'd function, which fuses the small element-wise kernels between the matmuls.
+  a CUDA graph and replayed; optionally (`compile=True`) the code between two attention ops runs
+  through a torch.compile'd function, which fuses the small element-wise kernels between the
+  matmuls (a layer's last residual add with the next layer's norm, too).
   The host only launches replays; it reads a token back (a sync) only when the caller asks for
   tokens one by one (streaming, or stopping at an end-of-sequence token).
 
@@ -24,7 +27,8 @@ back to transformers' `generate`.
 
 The math follows transformers' eager implementation (RMSNorm, the activation and every linear layer
 are the model's own modules; a fused product gives the separate ones' numbers, bit for bit on
-the CPU and at decode batch sizes on CUDA), so greedy tokens agree with
+the CPU and at decode batch sizes on CUDA; the decode attention computes in float32 where
+transformers rounds its scores and weights to the model's dtype), so greedy tokens agree with
 `model.generate(do_sample=False)` (tests/test_generate.py).
 """
 from __future__ import annotations
@@ -43,6 +47,16 @@ _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Warm-up runs before a CUDA graph capture: they let cuBLAS, the caching allocator and
 # torch.compile settle on the buffers they will use during capture.
 _WARMUP_STEPS = 3
+
+
+def _compile_options() -> dict:
+    """Inductor options of the compiled decode code. Its kernels are launched early where the
+    GPU can (programmatic dependent launch, Hopper+; inductor's `triton.enable_pdl`, as the
+    extension's own kernels are): each starts while the kernel before it ends and waits for it
+    inside, instead of being launched only after it (~1-2 us a launch, three a layer)."""
+    from torch._inductor import config
+
+    return {"triton.enable_pdl": True} if hasattr(config.triton, "enable_pdl") else {}
 
 
 def _rope_type(config) -> str:
@@ -141,9 +155,10 @@ class LlamaFamilyForward:
     of the last position only. It reads the modules of a transformers model and owns nothing
     but the rotary tables.
 
-    With `compile_decode`, a decode step runs every decoder layer through one torch.compile'd
-    function (the layers share their structure, so it compiles once, not once per layer), which
-    fuses RMSNorm, the rotation, SiLU-and-multiply and the residual adds into a few kernels."""
+    With `compile_decode`, a decode step runs the code between two attention ops (a layer's
+    output projection and MLP, the next layer's norm and q, k, v) through torch.compile'd
+    functions (the layers share their structure, so each compiles once, not once per layer),
+    which fuse RMSNorm, SiLU-and-multiply and the residual adds into a few kernels."""
 
     def __init__(self, model, max_len: int, compile_decode: bool = False):
         reason = unsupported_reason(model, max_len)
@@ -169,22 +184,27 @@ class LlamaFamilyForward:
         cos, sin = base.rotary_emb(probe, position_ids=positions)
         self.cos = cos[0].contiguous()  # [max_len, head_dim]
         self.sin = sin[0].contiguous()
-        self.kv_positions = torch.arange(max_len, device=self.device)
         for i, layer in enumerate(self.layers):  # fused products read buffers without forward()
             for name, m in layer.named_modules():
                 if isinstance(m, TritLinear):
                     m.validate_once(f"model.layers.{i}.{name}")
-        self._decode_layer = (torch.compile(self._decoder_layer, fullgraph=True, dynamic=False)
-                              if compile_decode else self._decoder_layer)
+        compiled = ((lambda f: torch.compile(f, fullgraph=True, dynamic=False,
+                                             options=_compile_options()))
+                    if compile_decode else (lambda f: f))
+        self._first_qkv = compiled(self._decode_qkv)
+        self._between = compiled(self._decode_between)
+        self._last = compiled(self._decode_last)
 
     def new_cache(self, batch_size: int) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch_size, self.kv_heads, self.max_len,
                              self.head_dim, self.dtype, self.device)
 
-    def _attention(self, attn, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-                   values: torch.Tensor, prefill: bool) -> torch.Tensor:
+    def _prefill_attention(self, attn, x: torch.Tensor, positions: torch.Tensor,
+                           keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Causal attention of a prompt [B, T, hidden] starting at position 0, which also fills
+        the cache's first T positions."""
         b, t, _ = x.shape
-        q, k, v = project(x, [attn.q_proj, attn.k_proj, attn.v_proj], fuse=not prefill)
+        q, k, v = project(x, [attn.q_proj, attn.k_proj, attn.v_proj], fuse=False)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.kv_heads, self.head_dim)
         v = v.reshape(b, t, self.kv_heads, self.head_dim)
@@ -197,28 +217,63 @@ class LlamaFamilyForward:
         k = k * cos + _rotate_half(k) * sin
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v)
-        if prefill:
-            # The prompt starts at position 0: causal attention over its own keys and values.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                 enable_gqa=self.kv_heads != self.num_heads)
-        else:
-            # One new token per sequence: attend to every cached position up to it. Query heads
-            # h = kv * G + g share key/value head kv, as in transformers' repeat_kv.
-            group = self.num_heads // self.kv_heads
-            qg = q.reshape(b, self.kv_heads, group, self.head_dim)
-            scores = torch.matmul(qg, keys.transpose(2, 3)) * self.scaling
-            visible = self.kv_positions <= positions  # [max_len]
-            scores = scores.masked_fill(~visible, float("-inf"))
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(weights, values).reshape(b, self.num_heads, 1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                             enable_gqa=self.kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return attn.o_proj(out)
 
-    def _decoder_layer(self, layer, h: torch.Tensor, positions: torch.Tensor,
-                       keys: torch.Tensor, values: torch.Tensor, prefill: bool) -> torch.Tensor:
-        h = h + self._attention(layer.self_attn, layer.input_layernorm(h), positions, keys,
-                                values, prefill)
-        return h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), fuse=not prefill)
+    def _prefill_layer(self, layer, h: torch.Tensor, positions: torch.Tensor,
+                       keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        h = h + self._prefill_attention(layer.self_attn, layer.input_layernorm(h), positions,
+                                        keys, values)
+        return h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), fuse=False)
+
+    def _decode_qkv(self, layer, h: torch.Tensor):
+        """A decode step's q [B, heads * head_dim], k and v [B, kv_heads * head_dim] (not yet
+        rotated) from the layer's input h [B, 1, hidden]."""
+        attn = layer.self_attn
+        b = h.shape[0]
+        q, k, v = project(layer.input_layernorm(h), [attn.q_proj, attn.k_proj, attn.v_proj])
+        if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before the rotation
+            q = attn.q_norm(q.reshape(b, 1, self.num_heads, self.head_dim))
+            k = attn.k_norm(k.reshape(b, 1, self.kv_heads, self.head_dim))
+        return q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)
+
+    def _decode_after_attention(self, layer, h: torch.Tensor,
+                                attended: torch.Tensor) -> torch.Tensor:
+        """The rest of a decode step's layer: output projection, residual, MLP, residual."""
+        h = h + layer.self_attn.o_proj(attended.unsqueeze(1))
+        return h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), fuse=True)
+
+    def _decode_between(self, layer, next_layer, h: torch.Tensor, attended: torch.Tensor):
+        """From one layer's attention output to the next layer's q, k, v: in one compiled graph
+        the last residual add of a layer and the next layer's input norm share a kernel."""
+        h = self._decode_after_attention(layer, h, attended)
+        return (h, *self._decode_qkv(next_layer, h))
+
+    def _decode_last(self, layer, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The last layer after its attention, then the final norm."""
+        return self.norm(self._decode_after_attention(layer, h, attended))
+
+    def _decode(self, tokens: torch.Tensor, position: torch.Tensor,
+                cache: StaticKVCache) -> torch.Tensor:
+        """One token per sequence at `position` [1]. In each layer the rotation, the cache write
+        and the attention over the cache are one op (torch.ops.tritllm.decode_attention; on CUDA
+        one kernel); the code between two of them is one function, which torch.compile may fuse
+        (compiled graphs stop at the op, which writes the cache: outside them no
+        functionalization can turn that write into a copy of the cache)."""
+        h = self.embed(tokens)
+        q, k, v = self._first_qkv(self.layers[0], h)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            attended = torch.ops.tritllm.decode_attention(q, k, v, self.cos, self.sin, position,
+                                                          cache.keys[i], cache.values[i],
+                                                          self.scaling)
+            if i < last:
+                h, q, k, v = self._between(layer, self.layers[i + 1], h, attended)
+            else:
+                h = self._last(layer, h, attended)
+        return self.lm_head(h)[:, 0]
 
     @staticmethod
     def _mlp(mlp, x: torch.Tensor, fuse: bool) -> torch.Tensor:
@@ -232,10 +287,11 @@ class LlamaFamilyForward:
         """tokens [B, T] at `positions` [T] -> logits [B, V] of the last position. A prefill
         (T >= 1 tokens from position 0) attends causally among its tokens; a decode step
         (T = 1) attends to the cache."""
-        layer_fn = self._decoder_layer if prefill else self._decode_layer
+        if not prefill:
+            return self._decode(tokens, positions, cache)
         h = self.embed(tokens)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            h = layer_fn(layer, h, positions, keys, values, prefill)
+            h = self._prefill_layer(layer, h, positions, keys, values)
         h = self.norm(h[:, -1:])
         return self.lm_head(h)[:, 0]
 
