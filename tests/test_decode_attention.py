@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tritllm_ext  # noqa: F401  (registers the ops and their fake kernels)
+from test_cuda_ops import poison
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
@@ -115,13 +116,6 @@ class Step:
         scores = q @ keys[:, :, :p + 1].double().transpose(2, 3) * self.scale
         out = torch.softmax(scores, dim=-1) @ values[:, :, :p + 1].double()
         return out.reshape(b, -1)
-
-
-def poison(shape, dtype):
-    """Leave a NaN-filled block of this size in the caching allocator, so that the next tensor of
-    this size very likely starts out as NaN."""
-    block = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
-    del block
 
 
 @pytest.mark.parametrize("device", DEVICES)
