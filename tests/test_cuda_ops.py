@@ -186,6 +186,63 @@ def test_unpack_is_bit_exact(dtype, depth):
         assert torch.equal(out.cpu(), w.host.dense(dtype)), f"K={k}"
 
 
+@cuda_only
+@pytest.mark.parametrize("depth,dtype", [(2, torch.float16), (1, torch.bfloat16),
+                                         (3, torch.float32), (4, torch.float16)])
+def test_unpack_many_blocks_and_row_slices(depth, dtype):
+    """Many blocks of 256 groups with a partial last one, and row slices whose bytes do not start
+    on a 16-byte boundary (the kernel's staging then loads them byte by byte)."""
+    for n, k, first in ((333, 4096, 0), (301, 17, 1), (97, 1000, 3)):
+        w = CudaWeight(n, k, depth, seed=n + k, exact=False)
+        rows = w.packed[first:]
+        poison((n - first, k), dtype)
+        out = torch.ops.tritllm.unpack(rows, w.codebook, depth, k, dtype)
+        assert torch.equal(out.cpu(), w.host.dense(dtype)[first:]), f"N={n} K={k} rows {first}.."
+
+
+def format_h_decode(packed, codebook, depth, k):
+    """float64 W from any bytes by csrc/format.h's arithmetic, which the CUDA kernels follow for
+    bytes the format forbids too: digit i of v is ((v * M_i) mod 2^16) * 3 >> 16, the scale index
+    is tail0 mod 27, and indices past the codebook read zero."""
+    b = fmt.bytes_per_group(depth)
+    n = packed.shape[0]
+    v = packed.cpu().long().reshape(n, -1, b)
+    magic = [-(-(1 << 16) // 3 ** (i + 1)) for i in range(5)]
+
+    def digit(x, i):
+        return (((x * magic[i]) & 0xFFFF) * 3) >> 16
+
+    level = torch.full((n, v.shape[1], 16), -fmt.max_level(depth), dtype=torch.long)
+    for p in range(depth):
+        for byte in range(3):
+            for i in range(5):
+                level[:, :, 5 * byte + i] += 3 ** p * digit(v[:, :, 3 * p + byte], i)
+    for p in range(depth):
+        at = 3 + p  # weight 15 of plane p in the tail digits
+        level[:, :, 15] += 3 ** p * digit(v[:, :, 3 * depth + at // 5], at % 5)
+    table = torch.zeros(27, dtype=torch.float64)
+    table[:codebook.numel()] = codebook.cpu().double()
+    scale = table[v[:, :, 3 * depth] % 27]
+    return (scale[:, :, None] * level).reshape(n, -1)[:, :k]
+
+
+@cuda_only
+@pytest.mark.parametrize("depth", fmt.DEPTHS)
+def test_unpack_decodes_any_bytes_like_format_h(depth):
+    """Bytes the format forbids (>= 243, tail bytes past their bound, scale indices past the
+    codebook) are not checked on the GPU (docs/FORMAT.md, Validation); they decode by format.h's
+    arithmetic, deterministically, as the other CUDA kernels decode them."""
+    n, k = 300, 100
+    gen = torch.Generator().manual_seed(depth)
+    packed = torch.randint(0, 256, (n, fmt.packed_row_bytes(k, depth)), generator=gen,
+                           dtype=torch.uint8)
+    codebook = torch.linspace(0.5, 2.0, 20)  # 20 entries: indices 20..26 read zero
+    out = torch.ops.tritllm.unpack(packed.to(DEVICE), codebook.to(DEVICE), depth, k,
+                                   torch.float32)
+    # float32(scale) * level, rounded once to float32: the float64 product rounded.
+    assert torch.equal(out.cpu(), format_h_decode(packed, codebook, depth, k).float())
+
+
 # ------------------------------------------------------------------------------------------------
 # matmul
 
