@@ -4,8 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tritllm_ext.generate import (Generator, generate, max_len_for,  # noqa: E402
-                                  select_next_token, unsupported_reason)
+from tritllm_ext.generate import (Generator, _argmax_in_two_steps, argmax_last,  # noqa: E402
+                                  generate, max_len_for, select_next_token, unsupported_reason)
 from tritllm_ext.model import quantize_model  # noqa: E402
 from tritllm_ext.nn import TritLinear  # noqa: E402
 
@@ -116,6 +116,28 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert torch.equal(a, b)
     top1 = generate(model, ids, 12, temperature=0.7, top_k=1)
     assert torch.equal(top1, hf_greedy(model, ids, 12))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_argmax_in_two_steps_is_argmax(device):
+    """The two-step reduction of the greedy choice gives argmax's answer: the first maximum,
+    NaN as the maximum, rows of any length (padded to whole chunks with -inf)."""
+    gen = torch.Generator().manual_seed(0)
+    for b, v, dtype in ((1, 128256, torch.float16), (3, 1000, torch.float32),
+                        (2, 256 * 7, torch.bfloat16), (1, 255, torch.float16)):
+        x = torch.randn(b, v, generator=gen).to(dtype)
+        x[0, v // 3] = x[0, v - 1] = 50.0  # a tie across chunks: the first one wins
+        if b > 1:
+            x[1, :] = 1.0  # all equal: index 0
+        if b > 2:
+            x[2, 7] = float("nan")
+            x[2, v - 2] = float("nan")
+        x = x.to(device)
+        assert torch.equal(_argmax_in_two_steps(x), x.argmax(dim=-1)), (b, v, dtype)
+        assert torch.equal(argmax_last(x), x.argmax(dim=-1))
+    assert torch.equal(_argmax_in_two_steps(torch.full((1, 300), float("-inf"))),
+                       torch.zeros(1, dtype=torch.long))
 
 
 def test_select_next_token_samples_the_softmax_within_top_k():

@@ -87,6 +87,31 @@ def unsupported_reason(model, max_len: int | None = None) -> str | None:
     return None
 
 
+# Rows at least this long are reduced in two steps on CUDA (`argmax_last`).
+_TWO_STEP_ARGMAX_MIN = 1 << 14
+_ARGMAX_CHUNKS = 256
+
+
+def _argmax_in_two_steps(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1) of [B, V] as the first index of the maximum of each of 256 chunks,
+    then the first best chunk: the same answer (the first maximum; a NaN counts as the maximum)."""
+    b, v = scores.shape
+    pad = -v % _ARGMAX_CHUNKS  # the padding is -inf at the end: it never wins a tie
+    padded = F.pad(scores, (0, pad), value=float("-inf")) if pad else scores
+    best, where = padded.view(b, _ARGMAX_CHUNKS, -1).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (chunk * ((v + pad) // _ARGMAX_CHUNKS) + where.gather(-1, chunk))[:, 0]
+
+
+def argmax_last(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1) for [B, V]. On CUDA a long row goes through _argmax_in_two_steps:
+    torch's argmax reduces a row in one block, 27 us a step for a 128k vocabulary on an H100 in a
+    CUDA graph, the two steps 13 us (docs/KERNEL_NOTES.md, session 9)."""
+    if scores.is_cuda and scores.shape[-1] >= _TWO_STEP_ARGMAX_MIN:
+        return _argmax_in_two_steps(scores)
+    return scores.argmax(dim=-1)
+
+
 def select_next_token(logits: torch.Tensor, temperature: float = 0.0,
                       top_k: int | None = None) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V]: argmax when temperature is 0, else a
@@ -95,14 +120,14 @@ def select_next_token(logits: torch.Tensor, temperature: float = 0.0,
     The sample uses the exponential-race form argmax(p / E), E ~ Exp(1), which is a draw from p
     without torch.multinomial's host synchronisation, so it can live inside a CUDA graph."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return argmax_last(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     race = torch.empty_like(probs).exponential_(1.0)
-    return (probs / race).argmax(dim=-1)
+    return argmax_last(probs / race)
 
 
 def _fusable(linears) -> bool:
