@@ -5,7 +5,7 @@
 // this kernel should run at the speed of its writes (2 bytes per weight at float16 against 3.5/8
 // read). Decoding the digits with the arithmetic of format.h (two multiplies per digit, ~22
 // instructions per weight) held it to 1.6 TB/s, so here the digits come from a table and the
-// arithmetic per weight is three instructions (docs/KERNEL_NOTES.md, "unpack"):
+// arithmetic per weight is three instructions (docs/KERNEL_NOTES.md, "The unpack kernel"):
 //
 // * One thread per group of 16 weights. A block's groups are consecutive in memory (rows are
 //   contiguous), so the block first copies their bytes into shared memory with 16-byte loads:
@@ -13,7 +13,7 @@
 // * Digit table: row v (every byte value, 256 rows) holds the five digits c_0..c_4 of v, one per
 //   byte, in 8 bytes: one 8-byte shared load per packed byte. Each block fills it with
 //   trit_digit (format.h), so bytes the format forbids decode exactly as decode_group decodes
-//   them (device_common.cuh; the CPU kernels agree).
+//   them (device_common.cuh) in the other CUDA kernels.
 // * Planes combined in byte lanes: n = sum_p 3^p c_p <= 80 never carries into the next byte, so
 //   one multiply-add per plane combines four weights; level = n - L.
 // * A byte lane becomes a float without a conversion instruction: byte_perm puts n under the
@@ -32,8 +32,8 @@ namespace {
 
 constexpr int kThreads = 256;  // groups per block
 constexpr int kMaxGroupBytes = bytes_per_group(4);
-// A block's staged bytes, plus 16 bytes of slack: the last thread reads two 8-byte words, the
-// second of which may run past its group.
+// A block's staged bytes, plus slack: a thread reads the two or three aligned 8-byte words around
+// its group, and the last thread's last word runs up to 8 bytes past the block's bytes.
 constexpr int kStagedBytes = kThreads * kMaxGroupBytes + 16;
 
 // 16 bytes holding consecutive outputs: pairs of 16-bit values, or two floats per 8 bytes.
