@@ -201,29 +201,14 @@ def test_unpack_many_blocks_and_row_slices(depth, dtype):
 
 
 def format_h_decode(packed, codebook, depth, k):
-    """float64 W from any bytes by csrc/format.h's arithmetic, which the CUDA kernels follow for
-    bytes the format forbids too: digit i of v is ((v * M_i) mod 2^16) * 3 >> 16, the scale index
-    is tail0 mod 27, and indices past the codebook read zero."""
-    b = fmt.bytes_per_group(depth)
-    n = packed.shape[0]
-    v = packed.cpu().long().reshape(n, -1, b)
-    magic = [-(-(1 << 16) // 3 ** (i + 1)) for i in range(5)]
-
-    def digit(x, i):
-        return (((x * magic[i]) & 0xFFFF) * 3) >> 16
-
-    level = torch.full((n, v.shape[1], 16), -fmt.max_level(depth), dtype=torch.long)
-    for p in range(depth):
-        for byte in range(3):
-            for i in range(5):
-                level[:, :, 5 * byte + i] += 3 ** p * digit(v[:, :, 3 * p + byte], i)
-    for p in range(depth):
-        at = 3 + p  # weight 15 of plane p in the tail digits
-        level[:, :, 15] += 3 ** p * digit(v[:, :, 3 * depth + at // 5], at % 5)
+    """float64 W from any bytes, as csrc/format.h decodes them: the reference decoder
+    (format.unpack, which reads every digit by format.h's division-free rule and does not
+    validate), with scale indices past the codebook reading zero."""
+    levels, idx = fmt.unpack(packed.cpu(), depth, k)
     table = torch.zeros(27, dtype=torch.float64)
     table[:codebook.numel()] = codebook.cpu().double()
-    scale = table[v[:, :, 3 * depth] % 27]
-    return (scale[:, :, None] * level).reshape(n, -1)[:, :k]
+    scale = table[idx.long()].repeat_interleave(fmt.GROUP_SIZE, dim=1)[:, :k]
+    return scale * levels.double()
 
 
 @cuda_only
