@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -32,6 +33,18 @@ TORCH_LIBRARY(tritllm, m) {
   // over positions 0..position, [B, heads * head_dim]. Shapes and rounding: decode_attention.h.
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor position,"
         " Tensor(a!) key_cache, Tensor(b!) value_cache, float scale) -> Tensor");
+  // The residual add and RMSNorm of a decoder layer with the products that read the normed
+  // input (q, k and v; gate and up): h_new = h + delta, x = RMSNorm(h_new) * norm_weight as
+  // transformers' LlamaRMSNorm rounds it, returns (matmul_cat(x, ...), h_new). A device may
+  // compute x inside the product kernel (CUDA at one token). Shapes and rounding:
+  // fused_inputs.h.
+  m.def("add_rms_norm_matmul_cat(Tensor h, Tensor delta, Tensor norm_weight, float eps,"
+        " Tensor[] packed, Tensor[] codebook, int depth, int in_features) -> (Tensor, Tensor)");
+  // The down projection of a gated MLP: gate_up [..., 2 * in_features] holds gate then up (the
+  // matmul_cat of gate and up), x = silu(gate) * up rounded as torch rounds it, returns
+  // matmul(x, ...). A device may compute x inside the product kernel (CUDA at one token).
+  m.def("silu_mul_matmul(Tensor gate_up, Tensor packed, Tensor codebook, int depth,"
+        " int in_features) -> Tensor");
 }
 
 // Inference only. Without an autograd kernel PyTorch would return an output with no grad_fn and
@@ -90,6 +103,35 @@ at::Tensor decode_attention_autograd(const at::Tensor& q, const at::Tensor& k, c
   return op.call(q, k, v, cos, sin, position, key_cache, value_cache, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_autograd(
+    const at::Tensor& h, const at::Tensor& delta, const at::Tensor& norm_weight, double eps,
+    at::TensorList packed, at::TensorList codebook, int64_t depth, int64_t in_features) {
+  bool needs_grad = h.requires_grad() || delta.requires_grad() || norm_weight.requires_grad();
+  for (const at::Tensor& c : codebook) needs_grad = needs_grad || c.requires_grad();
+  TORCH_CHECK(!(at::GradMode::is_enabled() && needs_grad),
+              "tritllm.add_rms_norm_matmul_cat is inference-only: h, delta, norm_weight or a "
+              "codebook requires grad under grad mode. Wrap the call in torch.no_grad() / "
+              "torch.inference_mode().");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tritllm::add_rms_norm_matmul_cat", "")
+                       .typed<decltype(add_rms_norm_matmul_cat_autograd)>();
+  return op.call(h, delta, norm_weight, eps, packed, codebook, depth, in_features);
+}
+
+at::Tensor silu_mul_matmul_autograd(const at::Tensor& gate_up, const at::Tensor& packed,
+                                    const at::Tensor& codebook, int64_t depth,
+                                    int64_t in_features) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (gate_up.requires_grad() || codebook.requires_grad())),
+              "tritllm.silu_mul_matmul is inference-only: gate_up requires grad under grad "
+              "mode. Wrap the call in torch.no_grad() / torch.inference_mode(), or detach it.");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tritllm::silu_mul_matmul", "")
+                       .typed<decltype(silu_mul_matmul_autograd)>();
+  return op.call(gate_up, packed, codebook, depth, in_features);
+}
+
 // matmul_cat on any device without a kernel of its own (the CPU): one matmul per weight.
 at::Tensor matmul_cat_each(const at::Tensor& x, at::TensorList packed, at::TensorList codebook,
                            int64_t depth, int64_t in_features) {
@@ -117,6 +159,8 @@ TORCH_LIBRARY_IMPL(tritllm, Autograd, m) {
   m.impl("matmul_cat", matmul_cat_autograd);
   m.impl("unpack", unpack_autograd);
   m.impl("decode_attention", decode_attention_autograd);
+  m.impl("add_rms_norm_matmul_cat", add_rms_norm_matmul_cat_autograd);
+  m.impl("silu_mul_matmul", silu_mul_matmul_autograd);
 }
 
 }  // namespace tritllm

@@ -94,6 +94,38 @@ def _decode_attention_fake(q, k, v, cos, sin, position, key_cache, value_cache, 
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("tritllm::add_rms_norm_matmul_cat")
+def _add_rms_norm_matmul_cat_fake(h, delta, norm_weight, eps, packed, codebook, depth,
+                                  in_features):
+    # The rules of csrc/fused_inputs.cpp (check_add_rms_norm_args), same messages.
+    what = "tritllm: add_rms_norm_matmul_cat:"
+    _check_float_dtype(h.dtype, "add_rms_norm_matmul_cat: h")
+    torch._check(h.dim() >= 1 and h.shape[-1] == in_features,
+                 lambda: f"{what} h must have shape [..., {in_features}], got {tuple(h.shape)}")
+    torch._check(delta.shape == h.shape, lambda: f"{what} delta must have h's shape "
+                 f"{tuple(h.shape)}, got {tuple(delta.shape)}")
+    for name, t in (("delta", delta), ("norm_weight", norm_weight)):
+        torch._check(t.dtype == h.dtype,
+                     lambda: f"{what} {name} must have h's dtype {h.dtype}, got {t.dtype}")
+        torch._check(t.device == h.device,
+                     lambda: f"{what} {name} is on {t.device} but h is on {h.device}")
+    torch._check(tuple(norm_weight.shape) == (in_features,), lambda: f"{what} norm_weight must "
+                 f"have shape [{in_features}], got {tuple(norm_weight.shape)}")
+    torch._check(eps >= 0 and eps != float("inf"),
+                 lambda: f"{what} eps must be finite and >= 0, got {eps}")
+    return _matmul_cat_fake(h, packed, codebook, depth, in_features), torch.empty_like(h)
+
+
+@torch.library.register_fake("tritllm::silu_mul_matmul")
+def _silu_mul_matmul_fake(gate_up, packed, codebook, depth, in_features):
+    _check_float_dtype(gate_up.dtype, "silu_mul_matmul: gate_up")
+    torch._check(gate_up.dim() >= 1 and gate_up.shape[-1] == 2 * in_features,
+                 lambda: "tritllm: silu_mul_matmul: gate_up must have shape [..., 2 * "
+                         f"in_features = {2 * in_features}] (gate, then up), got "
+                         f"{tuple(gate_up.shape)}")
+    return _matmul_fake(gate_up[..., :in_features], packed, codebook, depth, in_features)
+
+
 def matmul(x: torch.Tensor, tw) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N] in x's dtype, for a TritWeight-like `tw` (attributes packed,
     codebook, depth, shape = (N, K))."""

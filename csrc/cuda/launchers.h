@@ -35,11 +35,30 @@ void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 // packed bytes, for depth 1 and 2, any activation type, M = 1 and whole 512-weight windows.
 // xtable_gemv_supports says whether it can run the call for one weight. xtable_gemv_into takes 1
 // to kXtableMaxWeights weights of the same depth and K (each one it supports) and writes their
-// products side by side: out [1, N_1 + N_2 + ...], in one launch.               xtable_gemv.cu
+// products side by side: out [1, N_1 + N_2 + ...], in one launch. Its activations are x itself
+// or computed from other tensors as it reads them (XtableInput; csrc/fused_inputs.h has the
+// math).                                                                        xtable_gemv.cu
 constexpr int64_t kXtableMaxWeights = 4;
 bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
-void xtable_gemv_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-                      int64_t depth, const at::Tensor& out);
+
+struct XtableInput {
+  enum class Kind {
+    kPlain,       // x [1, K]
+    kAddRmsNorm,  // x = RMSNorm(h + delta) * norm_weight; h + delta written to h_out
+    kSiluMul,     // x = silu(gate) * up from gate_up [1, 2K]
+  };
+  Kind kind = Kind::kPlain;
+  at::Tensor x;            // x, h or gate_up: contiguous, x's dtype
+  at::Tensor delta;        // kAddRmsNorm: [1, K], contiguous
+  at::Tensor norm_weight;  // kAddRmsNorm: [K], contiguous
+  double eps = 0;          // kAddRmsNorm
+  at::Tensor h_out;        // kAddRmsNorm: [1, K], contiguous, written
+};
+// Whether the kernel can compute this kind of input from these tensors (alignment: h and delta
+// are read 16 bytes at a time).
+bool xtable_input_supported(const XtableInput& input);
+void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::TensorList codebooks,
+                      int64_t depth, int64_t in_features, const at::Tensor& out);
 
 // The batch kernel: tiles of 256 rows x 64 tokens, weights decoded in registers as in lut_gemv
 // and tensor-core products, for depth 1 and 2, float16/bfloat16 x, any M (chosen by register.cu

@@ -23,10 +23,12 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "../fused_inputs.h"
 #include "launchers.h"
 
 namespace tritllm {
@@ -114,7 +116,11 @@ void each_weight(const at::Tensor& x, at::TensorList packed, at::TensorList code
 void run(Kernel kernel, const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
          int64_t depth, const at::Tensor& out) {
   switch (kernel) {
-    case Kernel::kXtable: return xtable_gemv_into(x, packed, codebooks, depth, out);
+    case Kernel::kXtable: {
+      XtableInput input;
+      input.x = x;
+      return xtable_gemv_into(input, packed, codebooks, depth, x.size(1), out);
+    }
     case Kernel::kLut:
       return each_weight(x, packed, codebooks, out,
                          [&](const at::Tensor& x1, const at::Tensor& p, const at::Tensor& c,
@@ -133,10 +139,9 @@ void run(Kernel kernel, const at::Tensor& x, at::TensorList packed, at::TensorLi
   }
 }
 
-// x [..., K] @ [W_1; W_2; ...].T -> [..., N_1 + N_2 + ...] by `kernel`, or by the heuristic's
-// choice when it is empty. One weight for matmul, several sharing x for matmul_cat.
-at::Tensor product(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-                   int64_t depth, int64_t in_features, const std::optional<Kernel> kernel) {
+// Checks the arguments of x @ [W_1; W_2; ...].T and returns N_1 + N_2 + ...
+int64_t check_product(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+                      int64_t depth, int64_t in_features) {
   check_weight_lists(packed, codebooks);
   int64_t rows = 0;
   for (size_t i = 0; i < packed.size(); ++i) {
@@ -144,6 +149,14 @@ at::Tensor product(const at::Tensor& x, at::TensorList packed, at::TensorList co
     check_activation(x, packed[i], in_features);
     rows += packed[i].size(0);
   }
+  return rows;
+}
+
+// x [..., K] @ [W_1; W_2; ...].T -> [..., N_1 + N_2 + ...] by `kernel`, or by the heuristic's
+// choice when it is empty. One weight for matmul, several sharing x for matmul_cat.
+at::Tensor product(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+                   int64_t depth, int64_t in_features, const std::optional<Kernel> kernel) {
+  const int64_t rows = check_product(x, packed, codebooks, depth, in_features);
   c10::cuda::CUDAGuard guard(x.device());
 
   const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
@@ -168,13 +181,88 @@ at::Tensor matmul_cat_cuda(const at::Tensor& x, at::TensorList packed, at::Tenso
   return product(x, packed, codebook, depth, in_features, std::nullopt);
 }
 
+// add_rms_norm_matmul_cat and silu_mul_matmul (csrc/fused_inputs.h): the x-table kernel computes
+// its input itself at one token; every other call runs the composite (the element-wise steps as
+// ATen operations, then the product op, which picks its kernel as usual).
+
+// The fused call's output [..., N] for an input [..., K] (x_shape) and the x-table kernel's
+// input [1, K'] (x2), or nothing when the x-table kernel does not take the call.
+std::optional<at::Tensor> xtable_output(const at::Tensor& x2, at::IntArrayRef x_shape,
+                                        at::TensorList packed, int64_t rows, int64_t depth) {
+  if (x2.size(0) != 1 || rows == 0 || !can_run(Kernel::kXtable, x2, packed, depth))
+    return std::nullopt;
+  std::vector<int64_t> out_shape(x_shape.begin(), x_shape.end());
+  out_shape.back() = rows;
+  return at::empty(out_shape, x2.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_cuda(
+    const at::Tensor& h, const at::Tensor& delta, const at::Tensor& norm_weight, double eps,
+    at::TensorList packed, at::TensorList codebooks, int64_t depth, int64_t in_features) {
+  check_add_rms_norm_args(h, delta, norm_weight, eps, in_features);
+  const int64_t rows = check_product(h, packed, codebooks, depth, in_features);
+  c10::cuda::CUDAGuard guard(h.device());
+  XtableInput input;
+  input.kind = XtableInput::Kind::kAddRmsNorm;
+  input.x = h.reshape({-1, in_features}).contiguous();
+  input.delta = delta.reshape({-1, in_features}).contiguous();
+  input.norm_weight = norm_weight.contiguous();
+  input.eps = eps;
+  const std::optional<at::Tensor> out = xtable_output(input.x, h.sizes(), packed, rows, depth);
+  if (out) {
+    input.h_out = at::empty(h.sizes(), h.options());
+    if (xtable_input_supported(input)) {
+      xtable_gemv_into(input, packed, codebooks, depth, in_features, out->view({1, rows}));
+      return {*out, input.h_out};
+    }
+  }
+  return add_rms_norm_matmul_cat_composite(h, delta, norm_weight, eps, packed, codebooks, depth,
+                                           in_features);
+}
+
+at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& packed,
+                                const at::Tensor& codebook, int64_t depth, int64_t in_features) {
+  check_silu_mul_args(gate_up, in_features);
+  check_weight_args(packed, codebook, depth, in_features);
+  TORCH_CHECK(gate_up.device() == packed.device(), "tritllm: silu_mul_matmul: gate_up is on ",
+              gate_up.device(), " but the weight is on ", packed.device());
+  c10::cuda::CUDAGuard guard(gate_up.device());
+  XtableInput input;
+  input.kind = XtableInput::Kind::kSiluMul;
+  input.x = gate_up.reshape({-1, 2 * in_features}).contiguous();
+  // The kernel's choice depends on x's rows and dtype only: a view [1, K] of the input asks it.
+  const at::Tensor probe = input.x.narrow(1, 0, in_features);
+  const std::optional<at::Tensor> out =
+      xtable_output(probe, gate_up.sizes(), packed, packed.size(0), depth);
+  if (!out) return silu_mul_matmul_composite(gate_up, packed, codebook, depth, in_features);
+  xtable_gemv_into(input, packed, codebook, depth, in_features, out->view({1, packed.size(0)}));
+  return *out;
+}
+
+// The kernels by the names the tests and benchmarks use.
+constexpr std::pair<const char*, Kernel> kNames[] = {
+    {"xtable", Kernel::kXtable}, {"lut", Kernel::kLut}, {"tile", Kernel::kTile},
+    {"generic", Kernel::kGeneric}, {"gemm", Kernel::kGemm}};
+
+// For callers that plan around the kernels (generate.py fuses its element-wise steps into the
+// products where the x-table kernel runs them) and for tests: the name of the kernel the
+// heuristic picks for x [..., K] and these weights.
+std::string matmul_kernel_cuda(const at::Tensor& x, at::TensorList packed, int64_t depth) {
+  TORCH_CHECK(x.dim() >= 1 && !packed.empty(),
+              "tritllm: _cuda_matmul_kernel needs x [..., K] and at least one weight");
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  int64_t rows = 0;
+  for (const at::Tensor& p : packed) rows += p.size(0);
+  const Kernel chosen = choose(x2, packed, rows, depth);
+  for (const auto& [name, kernel] : kNames)
+    if (kernel == chosen) return name;
+  TORCH_CHECK(false, "tritllm: internal error: a kernel without a name");
+}
+
 // For tests and benchmarks: the product by one named kernel, whatever the heuristic would pick.
 at::Tensor matmul_with_cuda(const at::Tensor& x, const at::Tensor& packed,
                             const at::Tensor& codebook, int64_t depth, int64_t in_features,
                             const std::string& name) {
-  static const std::pair<const char*, Kernel> kNames[] = {
-      {"xtable", Kernel::kXtable}, {"lut", Kernel::kLut}, {"tile", Kernel::kTile},
-      {"generic", Kernel::kGeneric}, {"gemm", Kernel::kGemm}};
   for (const auto& [known, kernel] : kNames)
     if (name == known) return product(x, packed, codebook, depth, in_features, kernel);
   TORCH_CHECK(false, "tritllm: unknown CUDA kernel '", name,
@@ -188,6 +276,9 @@ TORCH_LIBRARY_FRAGMENT(tritllm, m) {
   // raises if that kernel cannot run the call. CUDA only, inference only, no fake kernel.
   m.def("_cuda_matmul_with(Tensor x, Tensor packed, Tensor codebook, int depth, int in_features,"
         " str kernel) -> Tensor");
+  // The name of the CUDA kernel the heuristic picks for x [..., K] (its rows, dtype and device)
+  // and these weights (packed bytes of one depth, on x's device).
+  m.def("_cuda_matmul_kernel(Tensor x, Tensor[] packed, int depth) -> str");
 }
 
 TORCH_LIBRARY_IMPL(tritllm, CUDA, m) {
@@ -195,6 +286,9 @@ TORCH_LIBRARY_IMPL(tritllm, CUDA, m) {
   m.impl("matmul", matmul_cuda);
   m.impl("matmul_cat", matmul_cat_cuda);
   m.impl("_cuda_matmul_with", matmul_with_cuda);
+  m.impl("_cuda_matmul_kernel", matmul_kernel_cuda);
+  m.impl("add_rms_norm_matmul_cat", add_rms_norm_matmul_cat_cuda);
+  m.impl("silu_mul_matmul", silu_mul_matmul_cuda);
 }
 
 }  // namespace cuda

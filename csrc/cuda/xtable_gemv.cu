@@ -71,6 +71,15 @@
 // the tables are those of one matrix of N_1 + N_2 + ... rows: one launch and one table build per
 // block instead of one of each per matrix.
 //
+// Fused inputs (XtableInput in launchers.h; the math in csrc/fused_inputs.h). In a decode step
+// the products' inputs come from small element-wise steps: the residual add and RMSNorm before
+// q, k, v and before gate, up; SiLU(gate) * up before down. Each would be a kernel of its own,
+// a launch and a round trip through memory on the step's critical path, so the kernel can compute
+// its activations itself where it reads them (window_activation): silu(gate) * up needs only
+// the window's elements; RMSNorm needs the sum of squares over all of K first, which every block
+// computes from h and delta (16 KB at K = 4096 in float16, from L2) before its first window, and
+// each block writes its slice of h + delta, the residual stream the next layer reads.
+//
 // Table layout: bank-conflict free and one instruction per address. Every table row (one byte
 // value) has one 4-byte entry per lane, so whatever the bytes, lane l reads bank l. Rows are 256
 // bytes apart and hold two tables side by side (lanes' entries at +0 and +128), in two 64 KB
@@ -151,7 +160,12 @@ struct Segment {
 };
 
 struct XTableParams {
-  const void* x;      // [K]
+  XtableInput::Kind input_kind;  // how the activations are read (see "Fused inputs" at the top)
+  const void* x;      // [K]; h for kAddRmsNorm; gate_up [2K] for kSiluMul
+  const void* delta;  // kAddRmsNorm: [K]
+  const void* norm_weight;  // kAddRmsNorm: [K]
+  void* h_out;        // kAddRmsNorm: h + delta [K], written
+  float eps;          // kAddRmsNorm
   void* out;          // [rows], written by the cluster sums
   float* partial;     // [windows, rows], for the split sums
   int64_t in_features;
@@ -230,14 +244,75 @@ __device__ __forceinline__ float codebook_entry(const XTableParams& p) {
   return i < seg.codebook_size ? seg.codebook[i] : 0.f;
 }
 
-// Thread t's activation of a window (t < 512): weight t's x as float, zero past K; staged at
-// window_x[(t / 16) * kXStride + t % 16] (group g's 16 at g * kXStride).
+// v rounded to the activation type T, as float.
 template <typename T>
-__device__ __forceinline__ float window_activation(const XTableParams& p, int window) {
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// kAddRmsNorm: rsqrt(mean((h + delta)^2) + eps) over all of K, computed alike by every block (the
+// squares are added in one fixed order, so every block gets the same factor). The block also
+// writes its share of h + delta (the grid's blocks take equal slices of the 16-byte vectors).
+// h and delta are read 16 bytes at a time (xtable_input_supported: aligned, K a multiple of the
+// vector); one round of loads per thread at K = 4096 in 16-bit types, from L2, where the kernel
+// before has just written them.
+template <typename T>
+__device__ float add_and_rms_factor(const XTableParams& p, float (&warp_sums)[kWarps]) {
+  constexpr int kVector = 16 / sizeof(T);
+  const int64_t vectors = p.in_features / kVector;
+  const int64_t share_first = vectors * blockIdx.x / gridDim.x;
+  const int64_t share_last = vectors * (blockIdx.x + 1) / gridDim.x;
+  float sum = 0.f;
+#pragma unroll 2
+  for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const uint4 h = static_cast<const uint4*>(p.x)[v];
+    const uint4 delta = static_cast<const uint4*>(p.delta)[v];
+    uint4 h_new;
+    const T* a = reinterpret_cast<const T*>(&h);
+    const T* b = reinterpret_cast<const T*>(&delta);
+    T* c = reinterpret_cast<T*>(&h_new);
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      c[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
+      const float f = to_float(c[i]);
+      sum = fmaf(f, f, sum);
+    }
+    if (v >= share_first && v < share_last) static_cast<uint4*>(p.h_out)[v] = h_new;
+  }
+#pragma unroll
+  for (int step = 16; step >= 1; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+  return rsqrtf(total / float(p.in_features) + p.eps);
+}
+
+// Thread t's activation of a window (t < 512) as float, zero past K; staged at
+// window_x[(t / 16) * kXStride + t % 16] (group g's 16 at g * kXStride). x[k] itself, or computed
+// as csrc/fused_inputs.h rounds it: RMSNorm(h + delta) * norm_weight with the block's
+// `rms_factor` (kAddRmsNorm), silu(gate) * up with torch's silu, x / (1 + exp(-x)) in float
+// (kSiluMul).
+template <typename T>
+__device__ __forceinline__ float window_activation(const XTableParams& p, int window,
+                                                   float rms_factor) {
   const int64_t k = int64_t(window) * kWindowWeights + threadIdx.x;
-  return threadIdx.x < kWindowWeights && k < p.in_features
-             ? to_float(static_cast<const T*>(p.x)[k])
-             : 0.f;
+  if (threadIdx.x >= kWindowWeights || k >= p.in_features) return 0.f;
+  const T* x = static_cast<const T*>(p.x);
+  switch (p.input_kind) {
+    case XtableInput::Kind::kAddRmsNorm: {
+      const float h = rounded<T>(to_float(x[k]) + to_float(static_cast<const T*>(p.delta)[k]));
+      const float weight = to_float(static_cast<const T*>(p.norm_weight)[k]);
+      return rounded<T>(weight * rounded<T>(h * rms_factor));
+    }
+    case XtableInput::Kind::kSiluMul: {
+      const float gate = to_float(x[k]);
+      return rounded<T>(rounded<T>(gate / (1.f + expf(-gate))) * to_float(x[p.in_features + k]));
+    }
+    default:
+      return to_float(x[k]);
+  }
 }
 
 // The x-tables of one window: for lane l's group and slot b (weights 5b..5b+4 of the group), row v
@@ -401,6 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float window_x[kWindowGroups * kXStride];
   __shared__ float codebooks[kMaxSegments * kCodebookStride];
   __shared__ __align__(8) uint64_t landed[kWarps * kSlots];  // one mbarrier per batch slot
+  __shared__ float warp_sums[kWarps];  // kAddRmsNorm's sum of squares
   const uint32_t start = (static_cast<uint32_t>(__cvta_generic_to_shared(shared)) + 127) & ~127u;
   const uint32_t region_a = (start + kRegionBytes - 1) & ~(kRegionBytes - 1);
   const uint32_t codebooks_at = static_cast<uint32_t>(__cvta_generic_to_shared(codebooks));
@@ -424,6 +500,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   wait_for_previous_kernel();
   let_next_kernel_start();
   const float my_codebook_entry = codebook_entry(p);
+  const float rms_factor = p.input_kind == XtableInput::Kind::kAddRmsNorm
+                               ? add_and_rms_factor<T>(p, warp_sums)
+                               : 1.f;
 
   // This block's items (window * batches + batch). Cluster sums: the cluster's share of the
   // batches in the block's window; split sums: split_share.
@@ -439,7 +518,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     split_share(p, first, last);
   }
   // The activations of the block's next window, read one window ahead (below).
-  float next_activation = window_activation<T>(p, int(first / p.batches));
+  float next_activation = window_activation<T>(p, int(first / p.batches), rms_factor);
 
   for (int64_t item = first; item < last;) {
     const int window = int(item / p.batches);
@@ -473,7 +552,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kSlots; ++i) request(begin + warp + i * kWarps, i);
     }
-    if (next_item < last) next_activation = window_activation<T>(p, window + 1);
+    if (next_item < last) next_activation = window_activation<T>(p, window + 1, rms_factor);
     build_x_tables(window_x, region_a);
     // Read at the kernel's start; needed from the first batch on.
     if (threadIdx.x < kMaxSegments * kCodebookStride) codebooks[threadIdx.x] = my_codebook_entry;
@@ -589,17 +668,38 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
          packed.size(0) < (int64_t(1) << 30) && packed.size(1) < (int64_t(1) << 31);
 }
 
-void xtable_gemv_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-                      int64_t depth, const at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && out.is_contiguous() &&
-                  out.dim() == 2 && out.size(0) == 1,
+bool xtable_input_supported(const XtableInput& input) {
+  if (input.kind != XtableInput::Kind::kAddRmsNorm) return true;
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  return input.x.size(-1) * input.x.element_size() % 16 == 0 && aligned(input.x) &&
+         aligned(input.delta) && aligned(input.h_out);
+}
+
+void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::TensorList codebooks,
+                      int64_t depth, int64_t in_features, const at::Tensor& out) {
+  const at::Tensor& x = input.x;
+  const int64_t x_width = input.kind == XtableInput::Kind::kSiluMul ? 2 * in_features
+                                                                    : in_features;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == x_width && x.is_contiguous() &&
+                  out.is_contiguous() && out.dim() == 2 && out.size(0) == 1,
               "tritllm: internal error: xtable_gemv needs contiguous x [1, K], out [1, N]");
+  TORCH_CHECK(xtable_input_supported(input),
+              "tritllm: internal error: xtable_gemv cannot read this input");
   TORCH_CHECK(!packed.empty() && packed.size() <= size_t(kMaxSegments) &&
                   codebooks.size() == packed.size(),
               "tritllm: internal error: xtable_gemv takes 1 to ", kMaxSegments, " weights");
   XTableParams p{};
+  p.input_kind = input.kind;
   p.x = x.data_ptr();
-  p.in_features = x.size(1);
+  if (input.kind == XtableInput::Kind::kAddRmsNorm) {
+    p.delta = input.delta.data_ptr();
+    p.norm_weight = input.norm_weight.data_ptr();
+    p.h_out = input.h_out.data_ptr();
+    p.eps = float(input.eps);
+  }
+  p.in_features = in_features;
   p.windows = int(num_groups(p.in_features) / kWindowGroups);
   p.segments = int(packed.size());
   int64_t rows = 0, batches = 0;
