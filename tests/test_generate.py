@@ -214,12 +214,29 @@ def test_cuda_graph_decode_matches_eager(compile):
     assert torch.equal(graphed.generate(ids, 20), eager)  # replays of the same graph
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_fused_inputs_wiring_gives_the_same_tokens(model_type):
+    """The decode step with the element-wise steps inside the products (fuses_inputs: on CUDA at
+    batch 1 where the x-table kernel runs every product), forced on the CPU, where the fused ops
+    run their composite: the same numbers as the separate steps, so transformers' tokens."""
+    model = quantize_model(tiny_model(model_type), depth=2, progress=False)
+    ids = prompt(batch=1, length=5)
+    gen = Generator(model, 1, 64)
+    assert not gen.forward.fuses_inputs  # a CPU model keeps the separate steps
+    gen.forward.fuses_inputs = True
+    assert torch.equal(gen.generate(ids, 16), hf_greedy(model, ids, 16))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_batch_one_fused_projections_match_transformers():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_batch_one_fused_projections_match_transformers(compile):
     """At batch 1 on CUDA, q/k/v and gate/up run as one x-table launch each (whole 512-weight
-    windows: hidden 512); greedy tokens still equal transformers' own generate."""
+    windows: hidden 512), with the residual adds, norms and SiLU-and-multiply computed inside the
+    products; greedy tokens still equal transformers' own generate."""
     model = quantize_model(tiny_model(hidden_size=512, intermediate_size=1024).cuda(), depth=2,
                            progress=False)
     ids = prompt(batch=1, length=5)
     want = hf_greedy(model, ids, 16)
-    assert torch.equal(Generator(model, 1, 64).generate(ids.cuda(), 16).cpu(), want)
+    gen = Generator(model, 1, 64, compile=compile)
+    assert gen.forward.fuses_inputs
+    assert torch.equal(gen.generate(ids.cuda(), 16).cpu(), want)

@@ -14,6 +14,10 @@ alike) with:
   they measured 1% slower. Dense layers always run one by one;
 * in a decode step, the rotation of q and k, the cache write and the attention over the cache as
   one op, `torch.ops.tritllm.decode_attention` (on CUDA one kernel instead of about six);
+* on CUDA at batch 1, where every layer's products run on the x-table kernel, the element-wise
+  steps between them computed inside the products: the residual add and RMSNorm before q, k, v
+  and before gate, up (`torch.ops.tritllm.add_rms_norm_matmul_cat`), SiLU(gate) * up before down
+  (`silu_mul_matmul`), so a layer is four product kernels and the attention;
 * on CUDA, one decode step (model forward, token choice, cache and position update) captured as
   a CUDA graph and replayed; optionally (`compile=True`) the code between two attention ops runs
   through a torch.compile'd function, which fuses the small element-wise kernels between the
@@ -148,8 +152,31 @@ def project(x: torch.Tensor, linears, fuse: bool = True) -> list[torch.Tensor]:
     y = torch.ops.tritllm.matmul_cat(x, [m.trit_packed for m in linears],
                                      [m.trit_codebook for m in linears], first.depth,
                                      first.in_features)
+    return _split_outputs(y, linears)
+
+
+def _split_outputs(y: torch.Tensor, linears) -> list[torch.Tensor]:
+    """The outputs of `linears` (with their biases) from their fused product y."""
     outs = y.split([m.out_features for m in linears], dim=-1)
     return [o if m.bias is None else o + m.bias.to(o.dtype) for o, m in zip(outs, linears)]
+
+
+def _is_rms_norm(norm, dtype: torch.dtype) -> bool:
+    """True for the RMSNorm of these architectures (weight * normalized, weight in the model's
+    dtype), which add_rms_norm_matmul_cat computes."""
+    weight = getattr(norm, "weight", None)
+    return (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.dtype == dtype)
+
+
+def add_norm_project(h: torch.Tensor, delta: torch.Tensor, norm, linears) -> tuple:
+    """(the fused product of `linears` on norm(h + delta), h + delta): the residual add, the
+    layer's RMSNorm and the products in one op, which on CUDA at one token computes the add and
+    the norm inside the product kernel (torch.ops.tritllm.add_rms_norm_matmul_cat)."""
+    first = linears[0]
+    return torch.ops.tritllm.add_rms_norm_matmul_cat(
+        h, delta, norm.weight, norm.variance_epsilon, [m.trit_packed for m in linears],
+        [m.trit_codebook for m in linears], first.depth, first.in_features)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +226,7 @@ class LlamaFamilyForward:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scaling = self.layers[0].self_attn.scaling
+        self.config = config
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.max_len = max_len
@@ -219,6 +247,36 @@ class LlamaFamilyForward:
         self._first_qkv = compiled(self._decode_qkv)
         self._between = compiled(self._decode_between)
         self._last = compiled(self._decode_last)
+        # Batch 1 with the element-wise steps inside the products, where they can be.
+        self.fuses_inputs = self._can_fuse_inputs()
+        self._between_fused = compiled(self._decode_between_fused)
+        self._last_fused = compiled(self._decode_last_fused)
+
+    def _can_fuse_inputs(self) -> bool:
+        """True if a decode step at batch 1 can compute the residual adds, the norms and
+        SiLU-and-multiply inside the products: a CUDA model whose layers have these
+        architectures' RMSNorms, a SiLU gated MLP without biases on gate and up, and trit
+        products that the x-table kernel runs at one token (elsewhere the fused ops would run
+        their steps one by one, slower than the compiled code they replace)."""
+        if self.device.type != "cuda":
+            return False
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            if not (_is_rms_norm(layer.input_layernorm, self.dtype)
+                    and _is_rms_norm(layer.post_attention_layernorm, self.dtype)
+                    and getattr(self.config, "hidden_act", None) in ("silu", "swish")
+                    and _fusable(qkv) and _fusable(gate_up) and _fusable([mlp.down_proj])
+                    and mlp.gate_proj.bias is None and mlp.up_proj.bias is None
+                    and mlp.gate_proj.out_features == mlp.down_proj.in_features):
+                return False
+            for linears in (qkv, gate_up, [mlp.down_proj]):
+                x = torch.empty(1, linears[0].in_features, dtype=self.dtype, device=self.device)
+                kernel = torch.ops.tritllm._cuda_matmul_kernel(
+                    x, [m.trit_packed for m in linears], linears[0].depth)
+                if kernel != "xtable":
+                    return False
+        return True
 
     def new_cache(self, batch_size: int) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch_size, self.kv_heads, self.max_len,
@@ -257,8 +315,13 @@ class LlamaFamilyForward:
         """A decode step's q [B, heads * head_dim], k and v [B, kv_heads * head_dim] (not yet
         rotated) from the layer's input h [B, 1, hidden]."""
         attn = layer.self_attn
-        b = h.shape[0]
         q, k, v = project(layer.input_layernorm(h), [attn.q_proj, attn.k_proj, attn.v_proj])
+        return self._heads(attn, q, k, v)
+
+    def _heads(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q, k, v [B, 1, width] of a decode step as the attention op takes them, [B, width],
+        after qwen3's per-head norms."""
+        b = q.shape[0]
         if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before the rotation
             q = attn.q_norm(q.reshape(b, 1, self.num_heads, self.head_dim))
             k = attn.k_norm(k.reshape(b, 1, self.kv_heads, self.head_dim))
@@ -280,6 +343,35 @@ class LlamaFamilyForward:
         """The last layer after its attention, then the final norm."""
         return self.norm(self._decode_after_attention(layer, h, attended))
 
+    # The same three steps at batch 1 with fused inputs (`fuses_inputs`). The residual stream
+    # travels as h and the delta not yet added to it: each product that norms the stream adds
+    # the delta first and returns the sum.
+
+    @staticmethod
+    def _fused_after_attention(layer, h: torch.Tensor, attended: torch.Tensor):
+        """(h + o(attended), the MLP's output on it, not yet added)."""
+        mlp = layer.mlp
+        o = layer.self_attn.o_proj(attended.unsqueeze(1))
+        gate_up, h = add_norm_project(h, o, layer.post_attention_layernorm,
+                                      [mlp.gate_proj, mlp.up_proj])
+        down = mlp.down_proj
+        delta = torch.ops.tritllm.silu_mul_matmul(gate_up, down.trit_packed, down.trit_codebook,
+                                                  down.depth, down.in_features)
+        return h, delta if down.bias is None else delta + down.bias.to(delta.dtype)
+
+    def _decode_between_fused(self, layer, next_layer, h: torch.Tensor, attended: torch.Tensor):
+        """_decode_between with fused inputs."""
+        h, delta = self._fused_after_attention(layer, h, attended)
+        attn = next_layer.self_attn
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+        qkv, h = add_norm_project(h, delta, next_layer.input_layernorm, linears)
+        return (h, *self._heads(attn, *_split_outputs(qkv, linears)))
+
+    def _decode_last_fused(self, layer, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """_decode_last with fused inputs."""
+        h, delta = self._fused_after_attention(layer, h, attended)
+        return self.norm(h + delta)
+
     def _decode(self, tokens: torch.Tensor, position: torch.Tensor,
                 cache: StaticKVCache) -> torch.Tensor:
         """One token per sequence at `position` [1]. In each layer the rotation, the cache write
@@ -287,6 +379,8 @@ class LlamaFamilyForward:
         one kernel); the code between two of them is one function, which torch.compile may fuse
         (compiled graphs stop at the op, which writes the cache: outside them no
         functionalization can turn that write into a copy of the cache)."""
+        fused = self.fuses_inputs and tokens.shape[0] == 1
+        between = self._between_fused if fused else self._between
         h = self.embed(tokens)
         q, k, v = self._first_qkv(self.layers[0], h)
         last = len(self.layers) - 1
@@ -295,9 +389,9 @@ class LlamaFamilyForward:
                                                           cache.keys[i], cache.values[i],
                                                           self.scaling)
             if i < last:
-                h, q, k, v = self._between(layer, self.layers[i + 1], h, attended)
+                h, q, k, v = between(layer, self.layers[i + 1], h, attended)
             else:
-                h = self._last(layer, h, attended)
+                h = (self._last_fused if fused else self._last)(layer, h, attended)
         return self.lm_head(h)[:, 0]
 
     @staticmethod
