@@ -48,88 +48,82 @@ TORCH_LIBRARY(tritllm, m) {
 }
 
 // Inference only. Without an autograd kernel PyTorch would return an output with no grad_fn and
-// the gradient would be silently missing, so refuse inputs that need one.
+// the gradient would be silently missing, so each op's autograd kernel refuses inputs that need
+// one and calls the op's device kernel below the autograd key.
 namespace {
+
+bool requires_grad(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors)
+    if (t.requires_grad()) return true;
+  return false;
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// op(args...) below the autograd key, or an error naming `op_name` and `inputs` if a gradient
+// would be needed.
+template <typename Signature, typename... Args>
+auto call_inference_only(const c10::TypedOperatorHandle<Signature>& op, const char* op_name,
+                         bool needs_grad, const char* inputs, const Args&... args) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && needs_grad), "tritllm.", op_name,
+              " is inference-only: ", inputs, " requires grad under grad mode. Wrap the call in "
+              "torch.no_grad() / torch.inference_mode(), or detach the inputs.");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
 
 at::Tensor matmul_autograd(const at::Tensor& x, const at::Tensor& packed,
                            const at::Tensor& codebook, int64_t depth, int64_t in_features) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || codebook.requires_grad())),
-              "tritllm.matmul is inference-only: x requires grad under grad mode. Wrap the call "
-              "in torch.no_grad() / torch.inference_mode(), or detach x.");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tritllm::matmul", "")
-                       .typed<decltype(matmul_autograd)>();
-  return op.call(x, packed, codebook, depth, in_features);
+  static const auto op = typed_op<decltype(matmul_autograd)>("tritllm::matmul");
+  return call_inference_only(op, "matmul", requires_grad({x, codebook}), "x or the codebook", x,
+                             packed, codebook, depth, in_features);
 }
 
 at::Tensor matmul_cat_autograd(const at::Tensor& x, at::TensorList packed,
-                              at::TensorList codebook, int64_t depth, int64_t in_features) {
-  bool codebook_grad = false;
-  for (const at::Tensor& c : codebook) codebook_grad = codebook_grad || c.requires_grad();
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || codebook_grad)),
-              "tritllm.matmul_cat is inference-only: x or a codebook requires grad under grad "
-              "mode. Wrap the call in torch.no_grad() / torch.inference_mode(), or detach x.");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tritllm::matmul_cat", "")
-                       .typed<decltype(matmul_cat_autograd)>();
-  return op.call(x, packed, codebook, depth, in_features);
+                               at::TensorList codebook, int64_t depth, int64_t in_features) {
+  static const auto op = typed_op<decltype(matmul_cat_autograd)>("tritllm::matmul_cat");
+  return call_inference_only(op, "matmul_cat", requires_grad({x}) || requires_grad(codebook),
+                             "x or a codebook", x, packed, codebook, depth, in_features);
 }
 
 at::Tensor unpack_autograd(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
                            int64_t in_features, c10::ScalarType dtype) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() && codebook.requires_grad()),
-              "tritllm.unpack is inference-only: codebook requires grad under grad mode.");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tritllm::unpack", "")
-                       .typed<decltype(unpack_autograd)>();
-  return op.call(packed, codebook, depth, in_features, dtype);
+  static const auto op = typed_op<decltype(unpack_autograd)>("tritllm::unpack");
+  return call_inference_only(op, "unpack", requires_grad({codebook}), "codebook", packed,
+                             codebook, depth, in_features, dtype);
 }
 
 at::Tensor decode_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& cos, const at::Tensor& sin,
-                                    const at::Tensor& position, const at::Tensor& key_cache,
-                                    const at::Tensor& value_cache, double scale) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() &&
-                (q.requires_grad() || k.requires_grad() || v.requires_grad())),
-              "tritllm.decode_attention is inference-only: q, k or v requires grad under grad "
-              "mode. Wrap the call in torch.no_grad() / torch.inference_mode().");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tritllm::decode_attention", "")
-                       .typed<decltype(decode_attention_autograd)>();
-  return op.call(q, k, v, cos, sin, position, key_cache, value_cache, scale);
+                                     const at::Tensor& cos, const at::Tensor& sin,
+                                     const at::Tensor& position, const at::Tensor& key_cache,
+                                     const at::Tensor& value_cache, double scale) {
+  static const auto op = typed_op<decltype(decode_attention_autograd)>("tritllm::decode_attention");
+  return call_inference_only(op, "decode_attention", requires_grad({q, k, v}), "q, k or v", q, k,
+                             v, cos, sin, position, key_cache, value_cache, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_autograd(
     const at::Tensor& h, const at::Tensor& delta, const at::Tensor& norm_weight, double eps,
     at::TensorList packed, at::TensorList codebook, int64_t depth, int64_t in_features) {
-  bool needs_grad = h.requires_grad() || delta.requires_grad() || norm_weight.requires_grad();
-  for (const at::Tensor& c : codebook) needs_grad = needs_grad || c.requires_grad();
-  TORCH_CHECK(!(at::GradMode::is_enabled() && needs_grad),
-              "tritllm.add_rms_norm_matmul_cat is inference-only: h, delta, norm_weight or a "
-              "codebook requires grad under grad mode. Wrap the call in torch.no_grad() / "
-              "torch.inference_mode().");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tritllm::add_rms_norm_matmul_cat", "")
-                       .typed<decltype(add_rms_norm_matmul_cat_autograd)>();
-  return op.call(h, delta, norm_weight, eps, packed, codebook, depth, in_features);
+  static const auto op =
+      typed_op<decltype(add_rms_norm_matmul_cat_autograd)>("tritllm::add_rms_norm_matmul_cat");
+  return call_inference_only(
+      op, "add_rms_norm_matmul_cat",
+      requires_grad({h, delta, norm_weight}) || requires_grad(codebook),
+      "h, delta, norm_weight or a codebook", h, delta, norm_weight, eps, packed, codebook, depth,
+      in_features);
 }
 
 at::Tensor silu_mul_matmul_autograd(const at::Tensor& gate_up, const at::Tensor& packed,
                                     const at::Tensor& codebook, int64_t depth,
                                     int64_t in_features) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (gate_up.requires_grad() || codebook.requires_grad())),
-              "tritllm.silu_mul_matmul is inference-only: gate_up requires grad under grad "
-              "mode. Wrap the call in torch.no_grad() / torch.inference_mode(), or detach it.");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tritllm::silu_mul_matmul", "")
-                       .typed<decltype(silu_mul_matmul_autograd)>();
-  return op.call(gate_up, packed, codebook, depth, in_features);
+  static const auto op = typed_op<decltype(silu_mul_matmul_autograd)>("tritllm::silu_mul_matmul");
+  return call_inference_only(op, "silu_mul_matmul", requires_grad({gate_up, codebook}),
+                             "gate_up or the codebook", gate_up, packed, codebook, depth,
+                             in_features);
 }
 
 // matmul_cat on any device without a kernel of its own (the CPU): one matmul per weight.
