@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_composite(
     const at::Tensor& h, const at::Tensor& delta, const at::Tensor& norm_weight, double eps,
     at::TensorList packed, at::TensorList codebook, int64_t depth, int64_t in_features) {
   check_add_rms_norm_args(h, delta, norm_weight, eps, in_features);
-  const at::Tensor h_new = h + delta;
+  const at::Tensor h_new = (h + delta).contiguous();
   // LlamaRMSNorm.forward, step by step.
   const at::Tensor h32 = h_new.to(at::kFloat);
   const at::Tensor variance = h32.pow(2).mean(-1, /*keepdim=*/true);

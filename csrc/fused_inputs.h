@@ -7,7 +7,7 @@
 //       x     = norm_weight * (h_new * rsqrt(mean(h_new^2) + eps))
 //               the mean and rsqrt in float32, the normalized value rounded to the dtype, then
 //               the product rounded: transformers' LlamaRMSNorm (also Mistral's, Qwen2's, Qwen3's)
-//       -> (matmul_cat(x, packed, codebook), h_new)
+//       -> (matmul_cat(x, packed, codebook), h_new)               h_new contiguous
 //     The residual stream of a decode step: the o projection's output is added to the layer's
 //     input and normed for gate and up; the down projection's output is added and normed for the
 //     next layer's q, k and v.

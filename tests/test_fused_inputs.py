@@ -132,6 +132,21 @@ def test_strided_inputs(device):
 
 
 @cuda_only
+def test_tensors_on_other_devices_are_named():
+    w = Weight(8, 512, 2, seed=1)
+    h = torch.randn(1, 512).half().cuda()
+    weight = torch.ones(512).half().cuda()
+    with pytest.raises(RuntimeError, match=r"packed\[0\] is on cpu but h is on cuda"):
+        torch.ops.tritllm.add_rms_norm_matmul_cat(h, h, weight, EPS, [w.packed], [w.codebook], 2,
+                                                  512)
+    with pytest.raises(RuntimeError, match="norm_weight is on cpu but h is on cuda"):
+        torch.ops.tritllm.add_rms_norm_matmul_cat(h, h, weight.cpu(), EPS, [w.packed.cuda()],
+                                                  [w.codebook.cuda()], 2, 512)
+    with pytest.raises(RuntimeError, match="gate_up is on cuda:0 but the weight is on cpu"):
+        torch.ops.tritllm.silu_mul_matmul(torch.cat([h, h], -1), w.packed, w.codebook, 2, 512)
+
+
+@cuda_only
 def test_cuda_graph_replay_equals_eager():
     k = 4096
     ws = weights((300, 64), k, 2, seed=9)

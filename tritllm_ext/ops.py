@@ -113,7 +113,7 @@ def _add_rms_norm_matmul_cat_fake(h, delta, norm_weight, eps, packed, codebook, 
                  f"have shape [{in_features}], got {tuple(norm_weight.shape)}")
     torch._check(eps >= 0 and eps != float("inf"),
                  lambda: f"{what} eps must be finite and >= 0, got {eps}")
-    return _matmul_cat_fake(h, packed, codebook, depth, in_features), torch.empty_like(h)
+    return _matmul_cat_fake(h, packed, codebook, depth, in_features), h.new_empty(h.shape)
 
 
 @torch.library.register_fake("tritllm::silu_mul_matmul")

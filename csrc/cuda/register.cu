@@ -200,6 +200,9 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_cuda(
     const at::Tensor& h, const at::Tensor& delta, const at::Tensor& norm_weight, double eps,
     at::TensorList packed, at::TensorList codebooks, int64_t depth, int64_t in_features) {
   check_add_rms_norm_args(h, delta, norm_weight, eps, in_features);
+  for (size_t i = 0; i < packed.size(); ++i)
+    TORCH_CHECK(packed[i].device() == h.device(), "tritllm: add_rms_norm_matmul_cat: packed[", i,
+                "] is on ", packed[i].device(), " but h is on ", h.device());
   const int64_t rows = check_product(h, packed, codebooks, depth, in_features);
   c10::cuda::CUDAGuard guard(h.device());
   XtableInput input;
