@@ -30,10 +30,11 @@ Architectures: llama, mistral, qwen2 and qwen3 (their decoder layers share one s
 back to transformers' `generate`.
 
 The math follows transformers' eager implementation (RMSNorm, the activation and every linear layer
-are the model's own modules; a fused product gives the separate ones' numbers, bit for bit on
-the CPU and at decode batch sizes on CUDA; the decode attention computes in float32 where
-transformers rounds its scores and weights to the model's dtype), so greedy tokens agree with
-`model.generate(do_sample=False)` (tests/test_generate.py).
+are the model's own modules or their operations step by step; a fused product gives the separate
+ones' numbers, bit for bit on the CPU and at decode batch sizes on CUDA; the decode attention
+computes in float32 where transformers rounds its scores and weights to the model's dtype; the
+RMSNorm inside a fused CUDA product at batch 1 adds its squares in its own order), so greedy
+tokens agree with `model.generate(do_sample=False)` (tests/test_generate.py).
 """
 from __future__ import annotations
 
