@@ -259,14 +259,13 @@ class LlamaFamilyForward:
         architectures' RMSNorms, a SiLU gated MLP without biases on gate and up, and trit
         products that the x-table kernel runs at one token (elsewhere the fused ops would run
         their steps one by one, slower than the compiled code they replace)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.config.hidden_act not in ("silu", "swish"):
             return False
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
             if not (_is_rms_norm(layer.input_layernorm, self.dtype)
                     and _is_rms_norm(layer.post_attention_layernorm, self.dtype)
-                    and getattr(self.config, "hidden_act", None) in ("silu", "swish")
                     and _fusable(qkv) and _fusable(gate_up) and _fusable([mlp.down_proj])
                     and mlp.gate_proj.bias is None and mlp.up_proj.bias is None
                     and mlp.gate_proj.out_features == mlp.down_proj.in_features):
