@@ -4,11 +4,12 @@
 #include "fused_inputs.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
+
+#include "op_handles.h"
 
 namespace tritllm {
 namespace {
@@ -64,11 +65,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_composite(
   const at::Tensor h32 = h_new.to(at::kFloat);
   const at::Tensor variance = h32.pow(2).mean(-1, /*keepdim=*/true);
   const at::Tensor x = norm_weight * (h32 * at::rsqrt(variance + eps)).to(h.scalar_type());
-  static auto matmul_cat = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("tritllm::matmul_cat", "")
-                               .typed<at::Tensor(const at::Tensor&, at::TensorList,
-                                                 at::TensorList, int64_t, int64_t)>();
-  return {matmul_cat.call(x, packed, codebook, depth, in_features), h_new};
+  return {matmul_cat_op().call(x, packed, codebook, depth, in_features), h_new};
 }
 
 at::Tensor silu_mul_matmul_composite(const at::Tensor& gate_up, const at::Tensor& packed,
@@ -77,11 +74,7 @@ at::Tensor silu_mul_matmul_composite(const at::Tensor& gate_up, const at::Tensor
   check_silu_mul_args(gate_up, in_features);
   const at::Tensor x =
       at::silu(gate_up.narrow(-1, 0, in_features)) * gate_up.narrow(-1, in_features, in_features);
-  static auto matmul = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("tritllm::matmul", "")
-                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                             const at::Tensor&, int64_t, int64_t)>();
-  return matmul.call(x, packed, codebook, depth, in_features);
+  return matmul_op().call(x, packed, codebook, depth, in_features);
 }
 
 // Devices with a kernel of their own (CUDA) register it for their key, which takes precedence.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "op_handles.h"
 
 namespace tritllm {
 
@@ -56,11 +57,6 @@ bool requires_grad(at::TensorList tensors) {
   for (const at::Tensor& t : tensors)
     if (t.requires_grad()) return true;
   return false;
-}
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 // op(args...) below the autograd key, or an error naming `op_name` and `inputs` if a gradient
@@ -130,13 +126,9 @@ at::Tensor silu_mul_matmul_autograd(const at::Tensor& gate_up, const at::Tensor&
 at::Tensor matmul_cat_each(const at::Tensor& x, at::TensorList packed, at::TensorList codebook,
                            int64_t depth, int64_t in_features) {
   check_weight_lists(packed, codebook);
-  static auto matmul = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("tritllm::matmul", "")
-                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                             const at::Tensor&, int64_t, int64_t)>();
   std::vector<at::Tensor> parts;
   for (size_t i = 0; i < packed.size(); ++i)
-    parts.push_back(matmul.call(x, packed[i], codebook[i], depth, in_features));
+    parts.push_back(matmul_op().call(x, packed[i], codebook[i], depth, in_features));
   return at::cat(parts, -1);
 }
 
