@@ -337,6 +337,9 @@ CAT_CASES = [
     (2, torch.float16, 1, 512, (5, 6, 7, 8, 9), (27,) * 5, False),  # more: tile at M = 1
     (2, torch.bfloat16, 3, 1024, (40, 24), (27, 27), True),         # tile, K split: strided sums
     (1, torch.float16, 40, 768, (300, 64), (27, 2), True),          # tile, 8 warps x 2 slabs
+    (2, torch.float16, 8, 1024, (300, 40, 513), (27, 5, 27), False),  # tile: partial row tiles
+    (2, torch.bfloat16, 16, 512, (5, 260, 7, 8, 9), (27, 3, 27, 1, 27), False),  # two launches
+    (2, torch.float16, 5, 4096, (1000, 256, 256), (27,) * 3, False),  # tile, K split 16 ways
     (2, torch.float16, 600, 512, (70, 33), (27, 27), False),        # unpack + one cuBLAS product
     (2, torch.float32, 5, 1024, (9, 17), (27, 27), True),           # generic, one product each
     (3, torch.float16, 1, 100, (9, 4), (27, 2), True),              # generic at M = 1
@@ -353,9 +356,11 @@ def matmul_cat(x, ws):
 @pytest.mark.parametrize("depth,dtype,m,k,ns,sizes,same_kernel", CAT_CASES)
 def test_matmul_cat_equals_separate_products(depth, dtype, m, k, ns, sizes, same_kernel):
     """Exact data: the float64 reference, bit for bit, whatever the kernel. Random data: the
-    separate products bit for bit where the same kernel runs (x-table, tile_gemm and generic
-    compute each row as they do alone), else the reference within the tolerance (one cuBLAS
-    product over all the weights may split K differently from one per weight)."""
+    separate products bit for bit where the same kernel runs and splits K the same way (x-table
+    and generic compute each row as they do alone; so does tile_gemm when the weights' tiles
+    together choose the K split each weight alone would), else the reference within the tolerance
+    (one tile_gemm launch or one cuBLAS product over all the weights may split K differently from
+    one per weight)."""
     for exact in (True, False):
         ws = [CudaWeight(n, k, depth, seed=n + i, exact=exact, codebook_size=c)
               for i, (n, c) in enumerate(zip(ns, sizes))]

@@ -97,20 +97,25 @@ struct Pair<__nv_bfloat16> {
   }
 };
 
-// Fills the digit table and the scale table (kTableBytes at `tables`); all threads of the block
-// take part, and the caller synchronizes before use.
-template <int DEPTH, typename T>
-__device__ __forceinline__ void build_tables(uint8_t* tables, const float* __restrict__ codebook,
-                                             int codebook_size) {
+// Fills the digit table (kDigitTableBytes at `digits`); all threads of the block take part, and
+// the caller synchronizes before use.
+template <typename T>
+__device__ __forceinline__ void build_digit_table(uint8_t* digits) {
   using P = Pair<T>;
   auto bits = [](uint32_t digit) { return digit == 0 ? 0u : digit == 1 ? P::kOne : P::kTwo; };
   for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {  // 16 stores of 2 lanes per row
     const uint32_t v = e / 16;
     const uint32_t lo = bits(trit_digit(v, 0)) | bits(trit_digit(v, 1)) << 16;
     const uint32_t hi = bits(trit_digit(v, 2)) | bits(trit_digit(v, 3)) << 16;
-    reinterpret_cast<uint4*>(tables + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
+    reinterpret_cast<uint4*>(digits + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
   }
-  uint8_t* scales = tables + kDigitTableBytes;
+}
+
+// Fills the scale table of one codebook (kScaleTableBytes at `scales`), as build_digit_table.
+template <int DEPTH, typename T>
+__device__ __forceinline__ void build_scale_table(uint8_t* scales,
+                                                  const float* __restrict__ codebook,
+                                                  int codebook_size) {
   for (int e = threadIdx.x; e < kMaxCodebook * 16; e += blockDim.x) {
     const int idx = e / 16;
     // Indices >= codebook_size occur only in corrupt data: any finite scale will do.
@@ -119,6 +124,14 @@ __device__ __forceinline__ void build_tables(uint8_t* tables, const float* __res
     const uint32_t s2 = pack2<T>(s, s), o2 = pack2<T>(minus_ls, minus_ls);
     reinterpret_cast<uint4*>(scales + idx * kTableRow)[e % 16] = make_uint4(s2, o2, s2, o2);
   }
+}
+
+// The digit table followed by one codebook's scale table (kTableBytes at `tables`).
+template <int DEPTH, typename T>
+__device__ __forceinline__ void build_tables(uint8_t* tables, const float* __restrict__ codebook,
+                                             int codebook_size) {
+  build_digit_table<T>(tables);
+  build_scale_table<DEPTH, T>(tables + kDigitTableBytes, codebook, codebook_size);
 }
 
 // Byte `byte` of a lane's bytes (held in 32-bit words) -> its table address byte * 256 + lane * 8.
@@ -152,14 +165,13 @@ __device__ __forceinline__ void slot_order(const uint32_t (&natural)[8], uint32_
 }
 
 // The group starting at byte `group * B` of a lane's bytes -> its 16 dequantized weights as 8
-// pairs, in the order (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15). `tables` is the
-// shared-space address of build_tables' output.
+// pairs, in the order (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15). `digits` and
+// `scales` are the shared-space addresses of the digit table and of the weight's scale table.
 template <int DEPTH, typename T, int kWords>
 __device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords], int group,
-                                                   uint32_t lane_offset, uint32_t tables,
-                                                   uint32_t (&w)[8]) {
+                                                   uint32_t lane_offset, uint32_t digits,
+                                                   uint32_t scales, uint32_t (&w)[8]) {
   using P = Pair<T>;
-  const uint32_t digits = tables, scales = tables + kDigitTableBytes;
   const int first = group * bytes_per_group(DEPTH);
   uint32_t pair[6], top[3];
 #pragma unroll

@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
   uint8_t* stages = smem + lut::kTableBytes;
   float* tile_sums = reinterpret_cast<float*>(stages + size_t(p.warps) * kStages * kStageBytes);
   lut::build_tables<DEPTH, T>(smem, p.codebook, p.codebook_size);
-  const uint32_t tables = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t digits = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t scales = digits + lut::kDigitTableBytes;
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -245,8 +246,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
 #pragma unroll
       for (int c = 0; c < kGroupsPerLane; ++c) {
         uint32_t wa[8], wb[8];  // rows g and g + 8
-        lut::decode_group_pairs<DEPTH, T>(word[0], c, lane_offset, tables, wa);
-        lut::decode_group_pairs<DEPTH, T>(word[1], c, lane_offset, tables, wb);
+        lut::decode_group_pairs<DEPTH, T>(word[0], c, lane_offset, digits, scales, wa);
+        lut::decode_group_pairs<DEPTH, T>(word[1], c, lane_offset, digits, scales, wb);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           float(&chain)[2][4] = (!kTwoTokenTiles && j % 2 == 1) ? acc_odd : acc;

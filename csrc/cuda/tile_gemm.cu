@@ -12,7 +12,7 @@
 // walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
 // tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256 activations (already put in
 // slot order by slot_order_kernel below) in one of two shared-memory buffers, one run ahead.
-// Blocks are persistent (one per SM: the decode tables and two stages take ~197 KB) and take
+// Blocks are persistent (one per SM: the decode tables and two stages take 135-213 KB) and take
 // tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
 // share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
 // alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
@@ -35,7 +35,12 @@
 // M = 192 on, unpack + cuBLAS is about as fast or faster.
 //
 // Several weights that share x (matmul_cat: q, k and v; gate and up) share one slot-order pass and
-// take one launch each, which writes its own columns of the output (rows out_stride apart).
+// one launch, up to kMaxSegments weights per launch. Each weight is a "segment" with its own bytes
+// and scale table; the row tiles are numbered across the segments (a segment's last tile may be
+// partial, none holds rows of two), so the work split sees one matrix of all their rows, and each
+// tile writes its own columns of the output (rows out_stride apart). One launch instead of one per
+// weight saves a launch and a split-sum kernel per weight at small M, and lets the tiles of all
+// the weights fill the SMs together (gate and up need no K split; 1024-row k and v alone would).
 //
 // Where the code was built for sm_90+, these kernels and their split sums are launched early
 // (dependent_launch.cuh): a launch overlaps the end of the kernel before it, and waits for it
@@ -45,6 +50,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "cp_async.cuh"
 #include "dependent_launch.cuh"
@@ -64,6 +70,7 @@ __host__ __device__ constexpr int warps_for(int slabs_per_warp) {
   return kTileRows / 16 / slabs_per_warp;
 }
 constexpr int kStages = 2;
+constexpr int kMaxSegments = 4;  // weights per launch
 constexpr int kXRunBytes = kRunWeights * 2;     // one token's run of 16-bit activations
 constexpr int kXRowStride = kXRunBytes + 16;    // padded: conflict-free B loads (see above)
 
@@ -73,8 +80,12 @@ __host__ __device__ constexpr int run_bytes(int depth) {
 __host__ __device__ constexpr int stage_bytes(int depth, int tile_tokens) {
   return kTileRows * run_bytes(depth) + tile_tokens * kXRowStride;
 }
-constexpr size_t shared_bytes(int depth, int tile_tokens) {
-  return size_t(lut::kTableBytes) + size_t(kStages) * stage_bytes(depth, tile_tokens);
+// The digit table, one scale table per segment, then the stages.
+constexpr size_t tables_bytes(int segments) {
+  return size_t(lut::kDigitTableBytes) + size_t(segments) * lut::kScaleTableBytes;
+}
+constexpr size_t shared_bytes(int depth, int tile_tokens, int segments) {
+  return tables_bytes(segments) + size_t(kStages) * stage_bytes(depth, tile_tokens);
 }
 
 // x [tokens, in_features] -> slots [tokens, groups * 16]: each group's 16 values in the pair order
@@ -114,23 +125,46 @@ __global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots
   dst[1] = make_uint4(slot[4], slot[5], slot[6], slot[7]);
 }
 
+// One weight of a launch (see "segments" at the top).
+struct TileSegment {
+  const uint8_t* packed;  // [rows, runs * 16 * B]
+  const float* codebook;
+  int codebook_size;
+  int rows;
+  int first_row;       // its first column of out (and of the partial sums)
+  int first_row_tile;  // its first row tile, numbered across the segments; INT_MAX if unused
+};
+
 struct TileParams {
   const void* x_slots;       // [tokens, runs * 256] in slot order
-  const uint8_t* packed;     // [rows, runs * 16 * B]
-  const float* codebook;
   void* out;                 // [tokens, rows], rows out_stride elements apart
   int64_t out_stride;
   float* split_sums;         // [splits, tokens, rows] when splits > 1
-  int codebook_size;
+  TileSegment segment[kMaxSegments];
+  int segments;
   int tokens;
-  int64_t rows;
+  int64_t rows;              // of all segments
   int runs;
   int runs_per_split;
   int token_tiles;
-  int row_tiles;
+  int row_tiles;             // of all segments
   int tiles;                 // token_tiles * row_tiles * splits
   int splits;
 };
+
+// The segment that holds row tile `row_tile`, and its index (constant indices into the kernel
+// parameters only: a dynamic index would copy them to local memory).
+__device__ __forceinline__ TileSegment segment_of(const TileParams& p, int row_tile, int& index) {
+  TileSegment seg = p.segment[0];
+  index = 0;
+#pragma unroll
+  for (int i = 1; i < kMaxSegments; ++i)
+    if (row_tile >= p.segment[i].first_row_tile) {
+      seg = p.segment[i];
+      index = i;
+    }
+  return seg;
+}
 
 template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp>
 __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
@@ -153,16 +187,23 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   static_assert(kWBytes % 16 == 0, "whole 16-byte chunks");
 
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* stages = smem + lut::kTableBytes;
+  uint8_t* stages = smem + tables_bytes(p.segments);
+  const uint32_t digits = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t scales0 = digits + lut::kDigitTableBytes;  // segment s's at + s * kScaleTableBytes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  const int64_t row_stride = int64_t(p.runs) * kRunBytes;
 
   // The block's work is a list of items (tile, run): tiles blockIdx.x, + gridDim.x, ..., and in
   // each tile the runs of its split. Two cursors walk it: the consumer, and the copy issuer
   // kStages - 1 items ahead. A cursor divides only when it enters a new tile.
   struct Item {
-    int tile, token_tile, row_tile, split, first_run, runs, i;
+    int tile, token_tile, split, first_run, runs, i;
     int stage;
+    const uint8_t* w_tile;  // the packed bytes of the tile's first row
+    int rows;               // rows of the tile that exist (fewer in a segment's last tile)
+    int first_row;          // the tile's first column of out
+    uint32_t scales;        // shared address of its segment's scale table
   };
   auto enter_tile = [&](Item& it, int tile) {
     it.tile = tile;
@@ -170,10 +211,17 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     if (tile >= p.tiles) return;
     it.token_tile = tile % p.token_tiles;
     const int rest = tile / p.token_tiles;
-    it.row_tile = rest % p.row_tiles;
+    const int row_tile = rest % p.row_tiles;
     it.split = rest / p.row_tiles;
     it.first_run = it.split * p.runs_per_split;
     it.runs = min(p.runs_per_split, p.runs - it.first_run);
+    int index;
+    const TileSegment seg = segment_of(p, row_tile, index);
+    const int first = (row_tile - seg.first_row_tile) * kTileRows;  // of the segment
+    it.w_tile = seg.packed + first * row_stride;
+    it.rows = min(seg.rows - first, kTileRows);
+    it.first_row = seg.first_row + first;
+    it.scales = scales0 + index * lut::kScaleTableBytes;
   };
   auto advance = [&](Item& it) {
     it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
@@ -181,7 +229,6 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   };
 
   // Copy geometry, the same for every item: thread chunk c = threadIdx.x + kThreads * q.
-  const int64_t row_stride = int64_t(p.runs) * kRunBytes;
   const int64_t x_stride = int64_t(p.runs) * kXRunBytes;
   int w_row[kWRounds];
   uint32_t w_src[kWRounds];  // < 2^31: tile_gemm_supports bounds the row length
@@ -202,14 +249,12 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     if (it.tile < p.tiles) {
       const int run = it.first_run + it.i;
       uint8_t* dst = stages + it.stage * kStageBytes;
-      const uint8_t* w_base = p.packed + int64_t(it.row_tile) * kTileRows * row_stride +
-                              int64_t(run) * kRunBytes;
-      const int64_t rows_left = p.rows - int64_t(it.row_tile) * kTileRows;
+      const uint8_t* w_base = it.w_tile + int64_t(run) * kRunBytes;
 #pragma unroll
       for (int q = 0; q < kWRounds; ++q) {
         if (w_row[q] < kTileRows) {
-          const bool valid = w_row[q] < rows_left;
-          cp_async_16(dst + 16 * (threadIdx.x + kThreads * q), valid ? w_base + w_src[q] : p.packed,
+          const bool valid = w_row[q] < it.rows;
+          cp_async_16(dst + 16 * (threadIdx.x + kThreads * q), valid ? w_base + w_src[q] : w_base,
                       valid);
         }
       }
@@ -240,8 +285,12 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     advance(ahead);
   }
   // The tables are built while the first copies are in flight.
-  lut::build_tables<DEPTH, T>(smem, p.codebook, p.codebook_size);
-  const uint32_t tables = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  lut::build_digit_table<T>(smem);
+#pragma unroll
+  for (int s = 0; s < kMaxSegments; ++s)
+    if (s < p.segments)
+      lut::build_scale_table<DEPTH, T>(smem + lut::kDigitTableBytes + s * lut::kScaleTableBytes,
+                                       p.segment[s].codebook, p.segment[s].codebook_size);
   const uint32_t lane_offset = lane * 8;
 
   // acc[s][q]: rows (g, g, g+8, g+8) of slab s x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
@@ -288,7 +337,8 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
       for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, tables, w[s][h]);
+          lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
+                                            w[s][h]);
 #pragma unroll
       for (int q = 0; q < kTokenTiles; ++q) {
         const uint4* src = reinterpret_cast<const uint4*>(x_lane + q * 8 * kXRowStride + c * 128);
@@ -304,7 +354,6 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     }
 
     if (item.i == item.runs - 1) {  // the tile's last run: write its products
-      const int64_t row0 = int64_t(item.row_tile) * kTileRows + warp * kWarpRows;
       const int token0 = item.token_tile * kTileTokens;
 #pragma unroll
       for (int s = 0; s < kSlabsPerWarp; ++s)
@@ -312,14 +361,15 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
         for (int q = 0; q < kTokenTiles; ++q)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int64_t row = row0 + s * 16 + g + 8 * (r / 2);
+            const int row = warp * kWarpRows + s * 16 + g + 8 * (r / 2);  // of the tile
             const int token = token0 + 8 * q + 2 * t + r % 2;
-            if (row < p.rows && token < p.tokens) {
+            if (row < item.rows && token < p.tokens) {
+              const int64_t column = int64_t(item.first_row) + row;
               if (p.splits == 1)
-                static_cast<T*>(p.out)[token * p.out_stride + row] =
+                static_cast<T*>(p.out)[token * p.out_stride + column] =
                     from_float<T>(acc[s][q][r]);
               else
-                p.split_sums[(int64_t(item.split) * p.tokens + token) * p.rows + row] =
+                p.split_sums[(int64_t(item.split) * p.tokens + token) * p.rows + column] =
                     acc[s][q][r];
             }
             acc[s][q][r] = 0.f;
@@ -335,11 +385,10 @@ void launch(TileParams p, const at::Tensor& out) {
   auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles, kSlabsPerWarp>;
   constexpr int kThreads = warps_for(kSlabsPerWarp) * 32;
   constexpr int kTileTokens = 8 * kTokenTiles;
-  const size_t smem = shared_bytes(DEPTH, kTileTokens);
+  const size_t smem = shared_bytes(DEPTH, kTileTokens, p.segments);
   const int sms = props->multiProcessorCount;
 
   p.token_tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
-  p.row_tiles = int((p.rows + kTileRows - 1) / kTileRows);
   // Split K when there are too few tiles for the SMs: pick the split with the fewest runs per
   // block, ceil(tiles / SMs) * runs per split; ties go to fewer splits (less partial traffic).
   const int64_t base = int64_t(p.token_tiles) * p.row_tiles;
@@ -397,28 +446,39 @@ void launch_for_tokens(const TileParams& p, const at::Tensor& out) {
     launch<DEPTH, T, 8, 2>(p, out);
 }
 
-// x in slot order once, then one launch per weight, each into its own columns of out.
+// x in slot order once, then one launch per kMaxSegments weights, each weight into its own
+// columns of out.
 template <int DEPTH, typename T>
 void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
          const at::Tensor& out) {
   const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
   at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
   put_in_slot_order<T>(x, slots, groups);
-  int64_t first_row = 0;
-  for (size_t i = 0; i < packed.size(); ++i) {
-    const int64_t rows = packed[i].size(0);
-    const at::Tensor part = out.narrow(1, first_row, rows);
-    first_row += rows;
-    if (rows == 0) continue;
+  int64_t first_column = 0;  // of this launch's weights in out
+  for (size_t first = 0; first < packed.size(); first += kMaxSegments) {
     TileParams p{};
+    for (size_t i = first; i < std::min(packed.size(), first + kMaxSegments); ++i) {
+      const int64_t rows = packed[i].size(0);
+      if (rows == 0) continue;
+      TileSegment& seg = p.segment[p.segments++];
+      seg.packed = packed[i].data_ptr<uint8_t>();
+      seg.codebook = codebooks[i].data_ptr<float>();
+      seg.codebook_size = int(codebooks[i].numel());
+      seg.rows = int(rows);
+      seg.first_row = int(p.rows);
+      seg.first_row_tile = p.row_tiles;
+      p.rows += rows;
+      p.row_tiles += int((rows + kTileRows - 1) / kTileRows);
+    }
+    for (int s = p.segments; s < kMaxSegments; ++s)
+      p.segment[s].first_row_tile = std::numeric_limits<int>::max();
+    const at::Tensor part = out.narrow(1, first_column, p.rows);
+    first_column += p.rows;
+    if (p.rows == 0) continue;
     p.x_slots = slots.data_ptr();
-    p.packed = packed[i].data_ptr<uint8_t>();
-    p.codebook = codebooks[i].data_ptr<float>();
     p.out = part.data_ptr();
     p.out_stride = out.stride(0);
-    p.codebook_size = int(codebooks[i].numel());
     p.tokens = int(x.size(0));
-    p.rows = rows;
     p.runs = int(groups / kRunGroups);
     launch_for_tokens<DEPTH, T>(p, part);
   }
@@ -431,7 +491,7 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
   if (props->major < 8) return false;
-  if (shared_bytes(int(depth), 64) > props->sharedMemPerBlockOptin) return false;
+  if (shared_bytes(int(depth), 64, kMaxSegments) > props->sharedMemPerBlockOptin) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.
