@@ -54,8 +54,8 @@ struct XtableInput {
   double eps = 0;          // kAddRmsNorm
   at::Tensor h_out;        // kAddRmsNorm: [1, K], contiguous, written
 };
-// Whether the kernel can compute this kind of input from these tensors (alignment: h and delta
-// are read 16 bytes at a time).
+// Whether the kernel can compute this kind of input from these tensors (alignment: h, delta and
+// h_out are read or written 16 bytes at a time; h_out may be left undefined for this question).
 bool xtable_input_supported(const XtableInput& input);
 void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, int64_t in_features, const at::Tensor& out);

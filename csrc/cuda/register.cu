@@ -185,15 +185,17 @@ at::Tensor matmul_cat_cuda(const at::Tensor& x, at::TensorList packed, at::Tenso
 // its input itself at one token; every other call runs the composite (the element-wise steps as
 // ATen operations, then the product op, which picks its kernel as usual).
 
-// The fused call's output [..., N] for an input [..., K] (x_shape) and the x-table kernel's
-// input [1, K'] (x2), or nothing when the x-table kernel does not take the call.
-std::optional<at::Tensor> xtable_output(const at::Tensor& x2, at::IntArrayRef x_shape,
-                                        at::TensorList packed, int64_t rows, int64_t depth) {
-  if (x2.size(0) != 1 || rows == 0 || !can_run(Kernel::kXtable, x2, packed, depth))
-    return std::nullopt;
+// Whether the x-table kernel takes a fused call whose activations have x2's rows ([M, K] or, for
+// silu_mul, [M, 2K]: the choice reads the rows only).
+bool xtable_takes(const at::Tensor& x2, at::TensorList packed, int64_t rows, int64_t depth) {
+  return x2.size(0) == 1 && rows > 0 && can_run(Kernel::kXtable, x2, packed, depth);
+}
+
+// The fused call's output [..., N] for an input [..., K'] of shape x_shape.
+at::Tensor fused_output(at::IntArrayRef x_shape, int64_t rows, const at::TensorOptions& options) {
   std::vector<int64_t> out_shape(x_shape.begin(), x_shape.end());
   out_shape.back() = rows;
-  return at::empty(out_shape, x2.options());
+  return at::empty(out_shape, options);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_cuda(
@@ -211,16 +213,13 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_cuda(
   input.delta = delta.reshape({-1, in_features}).contiguous();
   input.norm_weight = norm_weight.contiguous();
   input.eps = eps;
-  const std::optional<at::Tensor> out = xtable_output(input.x, h.sizes(), packed, rows, depth);
-  if (out) {
-    input.h_out = at::empty(h.sizes(), h.options());
-    if (xtable_input_supported(input)) {
-      xtable_gemv_into(input, packed, codebooks, depth, in_features, out->view({1, rows}));
-      return {*out, input.h_out};
-    }
-  }
-  return add_rms_norm_matmul_cat_composite(h, delta, norm_weight, eps, packed, codebooks, depth,
-                                           in_features);
+  if (!xtable_takes(input.x, packed, rows, depth) || !xtable_input_supported(input))
+    return add_rms_norm_matmul_cat_composite(h, delta, norm_weight, eps, packed, codebooks, depth,
+                                             in_features);
+  const at::Tensor out = fused_output(h.sizes(), rows, h.options());
+  input.h_out = at::empty(h.sizes(), h.options());
+  xtable_gemv_into(input, packed, codebooks, depth, in_features, out.view({1, rows}));
+  return {out, input.h_out};
 }
 
 at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& packed,
@@ -233,13 +232,12 @@ at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& pac
   XtableInput input;
   input.kind = XtableInput::Kind::kSiluMul;
   input.x = gate_up.reshape({-1, 2 * in_features}).contiguous();
-  // The kernel's choice depends on x's rows and dtype only: a view [1, K] of the input asks it.
-  const at::Tensor probe = input.x.narrow(1, 0, in_features);
-  const std::optional<at::Tensor> out =
-      xtable_output(probe, gate_up.sizes(), packed, packed.size(0), depth);
-  if (!out) return silu_mul_matmul_composite(gate_up, packed, codebook, depth, in_features);
-  xtable_gemv_into(input, packed, codebook, depth, in_features, out->view({1, packed.size(0)}));
-  return *out;
+  const int64_t rows = packed.size(0);
+  if (!xtable_takes(input.x, packed, rows, depth))
+    return silu_mul_matmul_composite(gate_up, packed, codebook, depth, in_features);
+  const at::Tensor out = fused_output(gate_up.sizes(), rows, gate_up.options());
+  xtable_gemv_into(input, packed, codebook, depth, in_features, out.view({1, rows}));
+  return out;
 }
 
 // The kernels by the names the tests and benchmarks use.

@@ -674,7 +674,7 @@ bool xtable_input_supported(const XtableInput& input) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
   return input.x.size(-1) * input.x.element_size() % 16 == 0 && aligned(input.x) &&
-         aligned(input.delta) && aligned(input.h_out);
+         aligned(input.delta) && (!input.h_out.defined() || aligned(input.h_out));
 }
 
 void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::TensorList codebooks,
