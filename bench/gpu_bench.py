@@ -14,10 +14,11 @@ finds its weight in L2, and the graph removes launch gaps); a replay's time divi
 sample; the median of the samples is reported. The device-to-device copy bandwidth is measured
 first (bytes read plus bytes written); the tritllm row reports its effective bandwidth, counting
 the bytes that must move (packed weight, activations, output), and its share of the copy
-bandwidth. Two last measurements replay one decoder layer at M = 1 in one graph: its four
+bandwidth. The last measurements replay one decoder layer in one graph: at M = 1 its four
 products with q/k/v and gate/up concatenated, against the same graph with float16 weights; and
-its seven matrices as a model holds them, one product each or (tritllm) with q/k/v and gate/up
-each in one matmul_cat, against one F.linear each.
+at M = 1 and M = 8 (batch-1 and batch-8 decoding) its seven matrices as a model holds them, one
+product each or (tritllm) with q/k/v and gate/up each in one matmul_cat, against one F.linear
+each.
 
     python bench/gpu_bench.py                      # full table, bench/gpu_bench.json, .png
     python bench/gpu_bench.py --quick              # fewer M, for a smoke test
@@ -186,10 +187,11 @@ def layer_graph_speedup(l2_bytes, generator):
 MODEL_LAYER = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
                "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
 SHARED_INPUT = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+LAYER_TOKENS = (1, 8)
 
 
-def model_layer_graph(l2_bytes, generator):
-    """One decoder layer's seven products at M = 1 in one graph: tritllm one matmul per matrix,
+def model_layer_graph(l2_bytes, generator, m):
+    """One decoder layer's seven products at M = m in one graph: tritllm one matmul per matrix,
     tritllm as the decode loop runs them (q/k/v and gate/up each one matmul_cat), and cuBLAS
     fp16 one F.linear per matrix."""
     weights = sum(n * k * 7 // 16 for n, k in MODEL_LAYER.values())
@@ -198,7 +200,7 @@ def model_layer_graph(l2_bytes, generator):
             for _ in range(layers)]
     dense = [{name: torch.ops.tritllm.unpack(p, c, DEPTH, MODEL_LAYER[name][1], torch.float16)
               for name, (p, c) in layer.items()} for layer in trit]
-    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.float16) for _, k in MODEL_LAYER.values()}
+    xs = {k: torch.randn(m, k, device="cuda", dtype=torch.float16) for _, k in MODEL_LAYER.values()}
 
     def separate(layer):
         return [lambda p=p, c=c, k=MODEL_LAYER[name][1]:
@@ -257,15 +259,17 @@ def run(tokens):
     layer = layer_graph_speedup(l2_bytes, generator)
     print(f"decoder layer at M=1 in one graph: tritllm {layer['tritllm_us']:.1f} us, "
           f"cuBLAS fp16 {layer['cublas_fp16_us']:.1f} us, {layer['speedup']:.2f}x")
-    model_layer = model_layer_graph(l2_bytes, generator)
-    print("decoder layer of 7 matrices at M=1 in one graph: tritllm one matmul each "
-          f"{model_layer['tritllm_separate_us']:.1f} us, with matmul_cat for q/k/v and gate/up "
-          f"{model_layer['tritllm_matmul_cat_us']:.1f} us, cuBLAS fp16 one F.linear each "
-          f"{model_layer['cublas_fp16_separate_us']:.1f} us")
+    model_layers = {}
+    for m in LAYER_TOKENS:  # batch-1 and batch-8 decoding
+        model_layers[m] = model_layer = model_layer_graph(l2_bytes, generator, m)
+        print(f"decoder layer of 7 matrices at M={m} in one graph: tritllm one matmul each "
+              f"{model_layer['tritllm_separate_us']:.1f} us, with matmul_cat for q/k/v and "
+              f"gate/up {model_layer['tritllm_matmul_cat_us']:.1f} us, cuBLAS fp16 one F.linear "
+              f"each {model_layer['cublas_fp16_separate_us']:.1f} us")
     return {"device": props.name, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "copy_gbs": copy_gbs, "depth": DEPTH,
             "command": " ".join(["python"] + sys.argv), "rows": rows, "layer_m1": layer,
-            "model_layer_m1": model_layer,
+            **{f"model_layer_m{m}": t for m, t in model_layers.items()},
             "unpack": unpacks}
 
 
