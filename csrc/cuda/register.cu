@@ -14,9 +14,9 @@
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
 //   * unpack+gemm everything else: W unpacked into a transient dense buffer, then cuBLAS.
 // matmul_cat (several weights sharing x) takes the same choice for all its weights together (N is
-// their total): xtable runs them in one launch, tile_gemm with one slot-order pass and the
-// products written in place, unpack+gemm as one cuBLAS product over all of them; lut and generic
-// run one product per weight.
+// their total): xtable and tile_gemm run them in one launch (up to four weights; tile_gemm more in
+// launches of four), unpack+gemm as one cuBLAS product over all of them; lut and generic run one
+// product per weight.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
