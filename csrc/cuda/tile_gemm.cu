@@ -152,8 +152,8 @@ struct TileParams {
   int splits;
 };
 
-// The segment that holds row tile `row_tile`, and its index (constant indices into the kernel
-// parameters only: a dynamic index would copy them to local memory).
+// The segment that holds row tile `row_tile`, and its index: the last one whose first row tile is
+// at or below it (unused segments start at INT_MAX).
 __device__ __forceinline__ TileSegment segment_of(const TileParams& p, int row_tile, int& index) {
   TileSegment seg = p.segment[0];
   index = 0;
