@@ -135,6 +135,12 @@ struct TileSegment {
   int first_row_tile;  // its first row tile, numbered across the segments; INT_MAX if unused
 };
 
+// Where a tile sits: its token tile (the fastest index), its row tile (numbered across the
+// segments) and its K split.
+struct TilePlace {
+  int token_tile, row_tile, split;
+};
+
 struct TileParams {
   const void* x_slots;       // [tokens, runs * 256] in slot order
   void* out;                 // [tokens, rows], rows out_stride elements apart
@@ -150,25 +156,46 @@ struct TileParams {
   int row_tiles;             // of all segments
   int tiles;                 // token_tiles * row_tiles * splits
   int splits;
+  TilePlace step;            // the place of tile gridDim.x: how far a block's next tile is
 };
 
-// The segment that holds row tile `row_tile`, and its index: the last one whose first row tile is
-// at or below it (unused segments start at INT_MAX).
-__device__ __forceinline__ TileSegment segment_of(const TileParams& p, int row_tile, int& index) {
-  TileSegment seg = p.segment[0];
-  index = 0;
+// The place of tile `tile` (token tile fastest, then row tile, then split).
+__host__ __device__ inline TilePlace place_of(int tile, int token_tiles, int row_tiles) {
+  const int rest = tile / token_tiles;
+  return {tile % token_tiles, rest % row_tiles, rest / row_tiles};
+}
+
+// The place of the tile `step` tiles after `at`, added digit by digit with carries (each digit of
+// `step` is below its base, so one subtraction per digit suffices): no division.
+__device__ __forceinline__ TilePlace place_after(TilePlace at, TilePlace step, int token_tiles,
+                                                 int row_tiles) {
+  at.token_tile += step.token_tile;
+  at.row_tile += step.row_tile;
+  at.split += step.split;
+  if (at.token_tile >= token_tiles) {
+    at.token_tile -= token_tiles;
+    ++at.row_tile;
+  }
+  if (at.row_tile >= row_tiles) {
+    at.row_tile -= row_tiles;
+    ++at.split;
+  }
+  return at;
+}
+
+// The segment that holds row tile `row_tile`: the last one whose first row tile is at or below
+// it (unused segments start at INT_MAX). Only the first row tiles are compared; the caller reads
+// the one segment it needs.
+__device__ __forceinline__ int segment_of(const TileParams& p, int row_tile) {
+  int index = 0;
 #pragma unroll
-  for (int i = 1; i < kMaxSegments; ++i)
-    if (row_tile >= p.segment[i].first_row_tile) {
-      seg = p.segment[i];
-      index = i;
-    }
-  return seg;
+  for (int i = 1; i < kMaxSegments; ++i) index += row_tile >= p.segment[i].first_row_tile;
+  return index;
 }
 
 template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp>
 __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
-    tile_gemm_kernel(const TileParams p) {
+    tile_gemm_kernel(const __grid_constant__ TileParams p) {
   using P = lut::Pair<T>;
   constexpr int kWarps = warps_for(kSlabsPerWarp);
   constexpr int kThreads = kWarps * 32;
@@ -196,28 +223,25 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
 
   // The block's work is a list of items (tile, run): tiles blockIdx.x, + gridDim.x, ..., and in
   // each tile the runs of its split. Two cursors walk it: the consumer, and the copy issuer
-  // kStages - 1 items ahead. A cursor divides only when it enters a new tile.
+  // kStages - 1 items ahead. A cursor finds its next tile's place by adding p.step (place_after)
+  // and reads that tile's segment when it enters it: no division, one segment read per tile.
   struct Item {
-    int tile, token_tile, split, first_run, runs, i;
+    int tile, first_run, runs, i;
+    TilePlace place;
     int stage;
     const uint8_t* w_tile;  // the packed bytes of the tile's first row
     int rows;               // rows of the tile that exist (fewer in a segment's last tile)
     int first_row;          // the tile's first column of out
     uint32_t scales;        // shared address of its segment's scale table
   };
-  auto enter_tile = [&](Item& it, int tile) {
-    it.tile = tile;
+  auto enter_tile = [&](Item& it) {  // it.tile and it.place name the tile
     it.i = 0;
-    if (tile >= p.tiles) return;
-    it.token_tile = tile % p.token_tiles;
-    const int rest = tile / p.token_tiles;
-    const int row_tile = rest % p.row_tiles;
-    it.split = rest / p.row_tiles;
-    it.first_run = it.split * p.runs_per_split;
+    if (it.tile >= p.tiles) return;
+    it.first_run = it.place.split * p.runs_per_split;
     it.runs = min(p.runs_per_split, p.runs - it.first_run);
-    int index;
-    const TileSegment seg = segment_of(p, row_tile, index);
-    const int first = (row_tile - seg.first_row_tile) * kTileRows;  // of the segment
+    const int index = segment_of(p, it.place.row_tile);
+    const TileSegment& seg = p.segment[index];
+    const int first = (it.place.row_tile - seg.first_row_tile) * kTileRows;  // of the segment
     it.w_tile = seg.packed + first * row_stride;
     it.rows = min(seg.rows - first, kTileRows);
     it.first_row = seg.first_row + first;
@@ -225,7 +249,11 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   };
   auto advance = [&](Item& it) {
     it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
-    if (++it.i == it.runs) enter_tile(it, it.tile + gridDim.x);
+    if (++it.i == it.runs) {
+      it.tile += gridDim.x;
+      it.place = place_after(it.place, p.step, p.token_tiles, p.row_tiles);
+      enter_tile(it);
+    }
   };
 
   // Copy geometry, the same for every item: thread chunk c = threadIdx.x + kThreads * q.
@@ -259,8 +287,8 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
         }
       }
       const uint8_t* x_base =
-          x_bytes + int64_t(it.token_tile) * kTileTokens * x_stride + int64_t(run) * kXRunBytes;
-      const int tokens_left = p.tokens - it.token_tile * kTileTokens;
+          x_bytes + int64_t(it.place.token_tile) * kTileTokens * x_stride + int64_t(run) * kXRunBytes;
+      const int tokens_left = p.tokens - it.place.token_tile * kTileTokens;
 #pragma unroll
       for (int q = 0; q < kXRounds; ++q) {
         const int token = warp + kWarps * q;  // of the tile
@@ -277,8 +305,10 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   wait_for_previous_kernel();
   let_next_kernel_start();
   Item ahead{}, item{};
-  enter_tile(ahead, blockIdx.x);
-  enter_tile(item, blockIdx.x);
+  ahead.tile = item.tile = blockIdx.x;
+  ahead.place = item.place = place_of(blockIdx.x, p.token_tiles, p.row_tiles);
+  enter_tile(ahead);
+  enter_tile(item);
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     issue(ahead);
@@ -354,7 +384,7 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     }
 
     if (item.i == item.runs - 1) {  // the tile's last run: write its products
-      const int token0 = item.token_tile * kTileTokens;
+      const int token0 = item.place.token_tile * kTileTokens;
 #pragma unroll
       for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
@@ -369,7 +399,7 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
                 static_cast<T*>(p.out)[token * p.out_stride + column] =
                     from_float<T>(acc[s][q][r]);
               else
-                p.split_sums[(int64_t(item.split) * p.tokens + token) * p.rows + column] =
+                p.split_sums[(int64_t(item.place.split) * p.tokens + token) * p.rows + column] =
                     acc[s][q][r];
             }
             acc[s][q][r] = 0.f;
@@ -406,6 +436,8 @@ void launch(TileParams p, const at::Tensor& out) {
     if (tiles >= 4 * sms) break;  // more splits only add partial sums
   }
   p.tiles = int(base * p.splits);
+  const int blocks = std::min(p.tiles, sms);
+  p.step = place_of(blocks, p.token_tiles, p.row_tiles);
 
   const at::Tensor partials = split_partials(p.splits, out);
   if (partials.defined()) p.split_sums = partials.data_ptr<float>();
@@ -413,7 +445,7 @@ void launch(TileParams p, const at::Tensor& out) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool early = runs_sm90_code(reinterpret_cast<const void*>(kernel));
-  const LaunchConfig config(dim3(std::min(p.tiles, sms)), dim3(kThreads), smem, stream, early);
+  const LaunchConfig config(dim3(blocks), dim3(kThreads), smem, stream, early);
   C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
   add_split_partials<T>(partials, out, stream, early);
 }
