@@ -147,19 +147,40 @@ def _exact_cublas_sums():
 # The arithmetic the lookup-table kernel relies on (no GPU needed)
 
 
-def test_table_address_divisions():
-    """lut_gemv.cu turns a byte v into its table address a = v * 256 + lane * 8 and gets v / 81
-    and v / 27 from a by one multiply-high each; the scale entry is at a - 6912 * (v / 27)."""
-    div81, div27 = -(-(1 << 32) // 20736), -(-(1 << 32) // 6912)
-    assert (div81, div27) == (207127, 621379)  # the constants in lut_gemv.cu
+def test_table_address_division():
+    """lut_decode.cuh turns a tail byte v into its table address a = v * 256 + lane * 8 and gets
+    v / 27 from a by one multiply-high; the scale entry is at a - 6912 * (v / 27)."""
+    div27 = -(-(1 << 32) // 6912)
+    assert div27 == 621379  # the constant in lut_decode.cuh
     for v in range(256):
         for lane in range(32):
             a = v * 256 + lane * 8
-            if v < 243:
-                assert (a * div81) >> 32 == v // 81
             n15 = (a * div27) >> 32
             assert n15 == v // 27
             assert a - 6912 * n15 == (v % 27) * 256 + lane * 8  # always inside the 27-entry table
+
+
+def _trit_digit(v, i):
+    """format.h's trit_digit: digit i of a byte, in {0, 1, 2} even for corrupt bytes >= 243."""
+    magic = -(-65536 // 3 ** (i + 1))
+    return (((v * magic) & 0xFFFF) * 3) >> 16
+
+
+@pytest.mark.parametrize("one,two", [(0x3C00, 0x4000), (0x3F80, 0x4000)], ids=["f16", "bf16"])
+def test_fifth_digit_in_the_table_entry(one, two):
+    """lut_decode.cuh keeps a byte's fifth digit in bits 0-1 of its entry's first word (the bits
+    of 0, 1 and 2 as float16/bfloat16 have bits 0-6 zero): masking them off gives the paired
+    digits back, and e0 + 3 e1 as 32-bit integers holds c4(v0) + 3 c4(v1) in bits 0-3."""
+    bits = [0, one, two]
+    first = [bits[_trit_digit(v, 0)] | bits[_trit_digit(v, 1)] << 16 | _trit_digit(v, 4)
+             for v in range(256)]
+    for v in range(243):
+        assert _trit_digit(v, 4) == v // 81
+    for v0 in range(256):
+        assert first[v0] & ~3 == bits[_trit_digit(v0, 0)] | bits[_trit_digit(v0, 1)] << 16
+        for v1 in range(256):
+            fifth = (first[v0] + 3 * first[v1]) & 0xFFFFFFFF
+            assert fifth & 15 == _trit_digit(v0, 4) + 3 * _trit_digit(v1, 4)
 
 
 def test_xtable_tail_division():

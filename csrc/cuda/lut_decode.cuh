@@ -1,5 +1,5 @@
-// The lookup-table decoder of depth-1 and depth-2 groups used by the fused product
-// (lut_gemv.cu). docs/KERNEL_NOTES.md explains the design.
+// The lookup-table decoder of depth-1 and depth-2 groups used by the products that decode
+// weights in registers (tile_gemm.cu, lut_gemv.cu). docs/KERNEL_NOTES.md explains the design.
 //
 // Decoding one group (d = 2: plane bytes P0b0 P0b1 P0b2 P1b0 P1b1 P1b2, tail T; d = 1 has no
 // P1 bytes):
@@ -7,11 +7,16 @@
 //    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
 //    digits as float16/bfloat16. One byte_perm turns the byte straight into its row offset
 //    v * 256 + lane * 8.
+//  * The fifth digit c4 rides in the two lowest bits of the entry's first word, which are zero
+//    in the float16/bfloat16 bits of 0, 1 and 2 (so one AND clears it again). Added as integers,
+//    the first words of a P0 and a P1 entry hold c4(P0b) + 3 c4(P1b) in their low bits: the
+//    level of weight 5b + 4 without a division (it was one multiply-high per byte, on the same
+//    pipe as the paired arithmetic; docs/KERNEL_NOTES.md, session 12).
 //  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
-//  * The fifth digit of a byte is v / 81, and the tail holds n15 = T / 27 and idx = T % 27.
-//    Both divisions are one multiply-high of the row offset (exact for every byte and lane;
-//    tests/test_cuda_ops.py checks the identity), and idx * 256 + lane * 8 is the offset of
-//    the scale entry {pair(s, s), pair(-L s, -L s)} in the scale table.
+//  * The tail holds n15 = T / 27 and idx = T % 27: one multiply-high of the row offset (exact
+//    for every byte and lane; tests/test_cuda_ops.py checks the identity), and
+//    idx * 256 + lane * 8 is the offset of the scale entry {pair(s, s), pair(-L s, -L s)} in
+//    the scale table.
 //  * Each pair of levels n becomes n * s - L * s in one paired FMA, rounded once.
 #pragma once
 
@@ -26,10 +31,11 @@ constexpr int kDigitTableBytes = 256 * kTableRow;
 constexpr int kScaleTableBytes = kMaxCodebook * kTableRow;
 constexpr int kTableBytes = kDigitTableBytes + kScaleTableBytes;  // scale table follows digits
 
-// floor(a / (81 * 256)) and floor(a / (27 * 256)) for a row offset a = v * 256 + lane * 8:
-// they equal v / 81 and v / 27 for every byte v and lane (tests/test_cuda_ops.py).
-constexpr uint32_t kDiv81Rows = 207127;  // ceil(2^32 / 20736)
+// floor(a / (27 * 256)) for a row offset a = v * 256 + lane * 8: it equals v / 27 for every
+// byte v and lane (tests/test_cuda_ops.py).
 constexpr uint32_t kDiv27Rows = 621379;  // ceil(2^32 / 6912)
+// The bits of an entry's first word that hold the byte's fifth digit (see the top).
+constexpr uint32_t kFifthDigitBits = 3u;
 
 // Paired 16-bit arithmetic and the tensor-core product for each activation type, on pairs held
 // in 32-bit registers. A level n (0..12) becomes a number by writing it into the mantissa of
@@ -98,14 +104,14 @@ struct Pair<__nv_bfloat16> {
 };
 
 // Fills the digit table (kDigitTableBytes at `digits`); all threads of the block take part, and
-// the caller synchronizes before use.
+// the caller synchronizes before use. The fifth digit goes into bits 0-1 of the first word.
 template <typename T>
 __device__ __forceinline__ void build_digit_table(uint8_t* digits) {
   using P = Pair<T>;
   auto bits = [](uint32_t digit) { return digit == 0 ? 0u : digit == 1 ? P::kOne : P::kTwo; };
   for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {  // 16 stores of 2 lanes per row
     const uint32_t v = e / 16;
-    const uint32_t lo = bits(trit_digit(v, 0)) | bits(trit_digit(v, 1)) << 16;
+    const uint32_t lo = bits(trit_digit(v, 0)) | bits(trit_digit(v, 1)) << 16 | trit_digit(v, 4);
     const uint32_t hi = bits(trit_digit(v, 2)) | bits(trit_digit(v, 3)) << 16;
     reinterpret_cast<uint4*>(digits + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
   }
@@ -173,19 +179,17 @@ __device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords
                                                    uint32_t scales, uint32_t (&w)[8]) {
   using P = Pair<T>;
   const int first = group * bytes_per_group(DEPTH);
-  uint32_t pair[6], top[3];
+  uint32_t pair[6], fifth[3];  // fifth[b]: the level of weight 5b + 4 in its low bits
 #pragma unroll
   for (int b = 0; b < 3; ++b) {  // weights 5b..5b+4
-    const uint32_t a0 = table_address(word, first + b, lane_offset);  // plane 0
-    const uint2 e0 = load_entry(digits, a0);
-    top[b] = __umulhi(a0, kDiv81Rows);
-    pair[2 * b] = e0.x;
+    const uint2 e0 = load_entry(digits, table_address(word, first + b, lane_offset));  // plane 0
+    fifth[b] = e0.x;
+    pair[2 * b] = e0.x & ~kFifthDigitBits;
     pair[2 * b + 1] = e0.y;
     if (DEPTH == 2) {
-      const uint32_t a1 = table_address(word, first + 3 + b, lane_offset);  // plane 1
-      const uint2 e1 = load_entry(digits, a1);
-      top[b] += 3 * __umulhi(a1, kDiv81Rows);
-      pair[2 * b] = P::fma(e1.x, 3.f, e0.x);
+      const uint2 e1 = load_entry(digits, table_address(word, first + 3 + b, lane_offset));
+      fifth[b] += (e1.x << 1) + e1.x;  // low bits: c4(P0b) + 3 c4(P1b) <= 8
+      pair[2 * b] = P::fma(e1.x & ~kFifthDigitBits, 3.f, pair[2 * b]);
       pair[2 * b + 1] = P::fma(e1.y, 3.f, e0.y);
     }
   }
@@ -193,8 +197,9 @@ __device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords
   const uint32_t n15 = __umulhi(tail, kDiv27Rows);
   const uint2 scale = load_entry(scales, tail - 27u * 256u * n15);  // {s2, -L*s2}
   // Levels of weights (4, 9) and (14, 15) as numbers: magic + n, minus magic.
-  const uint32_t q1 = P::add(top[0] + P::kMagic + (top[1] << 16), -P::kMagicValue);
-  const uint32_t q2 = P::add(top[2] + P::kMagic + (n15 << 16), -P::kMagicValue);
+  const uint32_t q1 = P::add((fifth[0] & 15u) + P::kMagic + ((fifth[1] & 15u) << 16),
+                             -P::kMagicValue);
+  const uint32_t q2 = P::add((fifth[2] & 15u) + P::kMagic + (n15 << 16), -P::kMagicValue);
 #pragma unroll
   for (int i = 0; i < 6; ++i) w[i] = P::fma(pair[i], scale.x, scale.y);
   w[6] = P::fma(q1, scale.x, scale.y);
