@@ -168,18 +168,18 @@ def _trit_digit(v, i):
 
 @pytest.mark.parametrize("one,two", [(0x3C00, 0x4000), (0x3F80, 0x4000)], ids=["f16", "bf16"])
 def test_fifth_digit_in_the_table_entry(one, two):
-    """lut_decode.cuh keeps a byte's fifth digit in bits 0-1 of its entry's first word (the bits
-    of 0, 1 and 2 as float16/bfloat16 have bits 0-6 zero): masking them off gives the paired
-    digits back, and e0 + 3 e1 as 32-bit integers holds c4(v0) + 3 c4(v1) in bits 0-3."""
+    """lut_decode.cuh keeps a byte's fifth digit c4 in bits 0-1 of its entry's first word and 3 c4
+    in bits 16-18 (the bits of 0, 1 and 2 as float16/bfloat16 have bits 0-6 zero): masking them
+    off gives the paired digits back, and e0 + (e1 >> 16) holds c4(v0) + 3 c4(v1) in bits 0-3."""
     bits = [0, one, two]
-    first = [bits[_trit_digit(v, 0)] | bits[_trit_digit(v, 1)] << 16 | _trit_digit(v, 4)
-             for v in range(256)]
+    first = [(bits[_trit_digit(v, 0)] | _trit_digit(v, 4))
+             | (bits[_trit_digit(v, 1)] | 3 * _trit_digit(v, 4)) << 16 for v in range(256)]
     for v in range(243):
         assert _trit_digit(v, 4) == v // 81
     for v0 in range(256):
-        assert first[v0] & ~3 == bits[_trit_digit(v0, 0)] | bits[_trit_digit(v0, 1)] << 16
+        assert first[v0] & ~0x00070003 == bits[_trit_digit(v0, 0)] | bits[_trit_digit(v0, 1)] << 16
         for v1 in range(256):
-            fifth = (first[v0] + 3 * first[v1]) & 0xFFFFFFFF
+            fifth = (first[v0] + (first[v1] >> 16)) & 0xFFFFFFFF
             assert fifth & 15 == _trit_digit(v0, 4) + 3 * _trit_digit(v1, 4)
 
 

@@ -7,11 +7,12 @@
 //    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
 //    digits as float16/bfloat16. One byte_perm turns the byte straight into its row offset
 //    v * 256 + lane * 8.
-//  * The fifth digit c4 rides in the two lowest bits of the entry's first word, which are zero
-//    in the float16/bfloat16 bits of 0, 1 and 2 (so one AND clears it again). Added as integers,
-//    the first words of a P0 and a P1 entry hold c4(P0b) + 3 c4(P1b) in their low bits: the
-//    level of weight 5b + 4 without a division (it was one multiply-high per byte, on the same
-//    pipe as the paired arithmetic; docs/KERNEL_NOTES.md, session 12).
+//  * The fifth digit rides in bits the float16/bfloat16 bits of 0, 1 and 2 leave zero (bits 0-6
+//    of each half): c4 in bits 0-1 of the entry's first word and 3 c4 in bits 16-18, so one AND
+//    clears them again, and a P0 entry's first word plus a P1 entry's first word shifted down by
+//    16 holds c4(P0b) + 3 c4(P1b) in its low bits: the level of weight 5b + 4 with one shift-add
+//    on the integer pipe (it was a multiply-high per byte on the pipe that also runs the paired
+//    arithmetic; docs/KERNEL_NOTES.md, session 12).
 //  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
 //  * The tail holds n15 = T / 27 and idx = T % 27: one multiply-high of the row offset (exact
 //    for every byte and lane; tests/test_cuda_ops.py checks the identity), and
@@ -34,8 +35,9 @@ constexpr int kTableBytes = kDigitTableBytes + kScaleTableBytes;  // scale table
 // floor(a / (27 * 256)) for a row offset a = v * 256 + lane * 8: it equals v / 27 for every
 // byte v and lane (tests/test_cuda_ops.py).
 constexpr uint32_t kDiv27Rows = 621379;  // ceil(2^32 / 6912)
-// The bits of an entry's first word that hold the byte's fifth digit (see the top).
-constexpr uint32_t kFifthDigitBits = 3u;
+// The bits of an entry's first word that hold the byte's fifth digit c4 (bits 0-1) and 3 c4
+// (bits 16-18); see the top.
+constexpr uint32_t kFifthDigitBits = 0x00070003u;
 
 // Paired 16-bit arithmetic and the tensor-core product for each activation type, on pairs held
 // in 32-bit registers. A level n (0..12) becomes a number by writing it into the mantissa of
@@ -104,14 +106,15 @@ struct Pair<__nv_bfloat16> {
 };
 
 // Fills the digit table (kDigitTableBytes at `digits`); all threads of the block take part, and
-// the caller synchronizes before use. The fifth digit goes into bits 0-1 of the first word.
+// the caller synchronizes before use. The fifth digit goes into the first word (see the top).
 template <typename T>
 __device__ __forceinline__ void build_digit_table(uint8_t* digits) {
   using P = Pair<T>;
   auto bits = [](uint32_t digit) { return digit == 0 ? 0u : digit == 1 ? P::kOne : P::kTwo; };
   for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {  // 16 stores of 2 lanes per row
     const uint32_t v = e / 16;
-    const uint32_t lo = bits(trit_digit(v, 0)) | bits(trit_digit(v, 1)) << 16 | trit_digit(v, 4);
+    const uint32_t c4 = trit_digit(v, 4);
+    const uint32_t lo = (bits(trit_digit(v, 0)) | c4) | (bits(trit_digit(v, 1)) | 3 * c4) << 16;
     const uint32_t hi = bits(trit_digit(v, 2)) | bits(trit_digit(v, 3)) << 16;
     reinterpret_cast<uint4*>(digits + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
   }
@@ -188,7 +191,7 @@ __device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords
     pair[2 * b + 1] = e0.y;
     if (DEPTH == 2) {
       const uint2 e1 = load_entry(digits, table_address(word, first + 3 + b, lane_offset));
-      fifth[b] += (e1.x << 1) + e1.x;  // low bits: c4(P0b) + 3 c4(P1b) <= 8
+      fifth[b] += e1.x >> 16;  // low bits: c4(P0b) + 3 c4(P1b) <= 8
       pair[2 * b] = P::fma(e1.x & ~kFifthDigitBits, 3.f, pair[2 * b]);
       pair[2 * b + 1] = P::fma(e1.y, 3.f, e0.y);
     }
@@ -196,10 +199,13 @@ __device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords
   const uint32_t tail = table_address(word, first + 3 * DEPTH, lane_offset);
   const uint32_t n15 = __umulhi(tail, kDiv27Rows);
   const uint2 scale = load_entry(scales, tail - 27u * 256u * n15);  // {s2, -L*s2}
-  // Levels of weights (4, 9) and (14, 15) as numbers: magic + n, minus magic.
-  const uint32_t q1 = P::add((fifth[0] & 15u) + P::kMagic + ((fifth[1] & 15u) << 16),
-                             -P::kMagicValue);
-  const uint32_t q2 = P::add((fifth[2] & 15u) + P::kMagic + (n15 << 16), -P::kMagicValue);
+  // Levels of weights (4, 9) and (14, 15) as numbers: the low bits of two words side by side
+  // (one byte_perm) in the mantissas of kMagic, minus kMagicValue.
+  auto levels = [](uint32_t lo, uint32_t hi) {
+    return P::add((__byte_perm(lo, hi, 0x5410) & 0x000F000Fu) | P::kMagic, -P::kMagicValue);
+  };
+  const uint32_t q1 = levels(fifth[0], fifth[1]);
+  const uint32_t q2 = levels(fifth[2], n15);
 #pragma unroll
   for (int i = 0; i < 6; ++i) w[i] = P::fma(pair[i], scale.x, scale.y);
   w[6] = P::fma(q1, scale.x, scale.y);
