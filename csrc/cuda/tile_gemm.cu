@@ -30,9 +30,11 @@
 // Why these sizes (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let each
 // activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with three
 // stages (28672x4096 at M = 64: 84 against 104 us); the registers (~220 per thread) allow no more.
-// The decode costs ~70 instructions per group of 16 weights and dominates at M <= 64 (ncu: tensor
-// pipe 36% busy at M = 64), and a tile re-decodes its weights for every 64 tokens, so from about
-// M = 192 on, unpack + cuBLAS is about as fast or faster.
+// The decode dominates at M <= 64 (ncu at M = 8, 28672x4096: tensor pipe 8% busy; the FMA-heavy
+// pipe, which runs both the paired 16-bit arithmetic and the integer multiplies, 57%, and waits for
+// it the first stall; so lut_decode.cuh takes the fifth digits from its table, not from
+// multiplies), and a tile re-decodes its weights for every 64 tokens, so from about M = 192 on,
+// unpack + cuBLAS is about as fast or faster.
 //
 // Several weights that share x (matmul_cat: q, k and v; gate and up) share one slot-order pass and
 // one launch, up to kMaxSegments weights per launch. Each weight is a "segment" with its own bytes
