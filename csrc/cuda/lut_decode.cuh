@@ -7,12 +7,12 @@
 //    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
 //    digits as float16/bfloat16. One byte_perm turns the byte straight into its row offset
 //    v * 256 + lane * 8.
-//  * The fifth digit rides in bits the float16/bfloat16 bits of 0, 1 and 2 leave zero (bits 0-6
-//    of each half): c4 in bits 0-1 of the entry's first word and 3 c4 in bits 16-18, so one AND
-//    clears them again, and a P0 entry's first word plus a P1 entry's first word shifted down by
-//    16 holds c4(P0b) + 3 c4(P1b) in its low bits: the level of weight 5b + 4 with one shift-add
-//    on the integer pipe (it was a multiply-high per byte on the pipe that also runs the paired
-//    arithmetic; docs/KERNEL_NOTES.md, session 12).
+//  * The fifth digit rides in bits that are zero in the float16/bfloat16 encodings of 0, 1 and 2
+//    (bits 0-6 of each half): c4 in bits 0-1 of the entry's first word and 3 c4 in bits 16-18.
+//    One AND clears them for the paired arithmetic, and a P0 entry's first word plus a P1
+//    entry's first word shifted down by 16 holds c4(P0b) + 3 c4(P1b) in its low bits: the level
+//    of weight 5b + 4 from one shift-add on the integer pipe (it was a multiply-high per byte on
+//    the pipe that also runs the paired arithmetic; docs/KERNEL_NOTES.md, session 12).
 //  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
 //  * The tail holds n15 = T / 27 and idx = T % 27: one multiply-high of the row offset (exact
 //    for every byte and lane; tests/test_cuda_ops.py checks the identity), and
