@@ -3,7 +3,8 @@
 // mbarrier in shared memory when the bytes have landed. One instruction per box instead of one
 // load per thread and word; rows past the array's end land as zeros; no registers hold the bytes
 // in flight. The array's shape and the box are described by a 128-byte CUtensorMap that the host
-// encodes (byte_box_map) and the kernel receives among its parameters. Used by xtable_gemv.cu.
+// encodes (byte_box_map) and the kernel receives among its parameters. Used by xtable_gemv.cu and
+// tile_gemm.cu.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,14 +26,15 @@ __device__ __forceinline__ void bulk_copy_unsupported() {
 #endif
 }
 
-// An mbarrier at shared address `bar` that completes a phase after one arrival (with its byte
-// count, below), made visible to the copy engine. Must be visible to the block (a barrier) before
-// any use.
-__device__ __forceinline__ void mbarrier_init(uint32_t bar) {
+// An mbarrier at shared address `bar` that completes a phase after `arrivals` arrivals (and the
+// bytes they expect, below), made visible to the copy engine. Must be visible to the block (a
+// barrier) before any use.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals = 1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
-      "mbarrier.init.shared::cta.b64 [%0], 1;\n"
-      "fence.mbarrier_init.release.cluster;" ::"r"(bar)
+      "mbarrier.init.shared::cta.b64 [%0], %1;\n"
+      "fence.mbarrier_init.release.cluster;" ::"r"(bar),
+      "r"(arrivals)
       : "memory");
 #else
   bulk_copy_unsupported();
@@ -44,6 +46,15 @@ __device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t byt
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
                : "memory");
+#else
+  bulk_copy_unsupported();
+#endif
+}
+
+// One arrival on `bar`, with no bytes expected.
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 #else
   bulk_copy_unsupported();
 #endif
@@ -68,7 +79,8 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 }
 
 // The box of `map` whose first byte is at column `column`, row `row` into shared address `dst`
-// (128-byte aligned); the landed bytes (always the whole box) are counted on `bar`.
+// (128-byte aligned; 1024 with the 128-byte swizzle); the landed bytes (always the whole box)
+// are counted on `bar`.
 __device__ __forceinline__ void copy_box_to_shared(uint32_t dst, const CUtensorMap* map,
                                                    int column, int row, uint32_t bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -94,9 +106,12 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
 
 // The map of `array`, a contiguous uint8 matrix [rows, columns] (16-byte aligned, columns a
 // multiple of 16), for boxes of `box_rows` x `box_columns` bytes (box_columns a multiple of 16,
-// both at most 256). Host code; the driver function comes through the runtime, so the extension
-// does not link libcuda.
-inline CUtensorMap byte_box_map(const at::Tensor& array, uint32_t box_rows, uint32_t box_columns) {
+// both at most 256). A box lands as box_rows rows of box_columns bytes, or, with
+// CU_TENSOR_MAP_SWIZZLE_128B (box_columns = 128), with the 16-byte chunks of row r permuted by
+// XOR with r % 8: the layout Hopper's wgmma reads as "128-byte swizzled, K-major". Host code; the
+// driver function comes through the runtime, so the extension does not link libcuda.
+inline CUtensorMap byte_box_map(const at::Tensor& array, uint32_t box_rows, uint32_t box_columns,
+                                CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_NONE) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -113,10 +128,10 @@ inline CUtensorMap byte_box_map(const at::Tensor& array, uint32_t box_rows, uint
   const cuuint32_t unit_steps[2] = {1, 1};
   const CUresult status = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, array.data_ptr(), size,
                                  row_stride, box, unit_steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                 CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_NONE,
                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(status == CUDA_SUCCESS, "tritllm: internal error: cuTensorMapEncodeTiled failed (",
-              int(status), ") for a [", array.size(0), ", ", array.size(1), "] weight");
+              int(status), ") for a [", array.size(0), ", ", array.size(1), "] byte array");
   return map;
 }
 
