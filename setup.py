@@ -9,7 +9,9 @@ Package metadata lives in pyproject.toml; this file only describes the compiled 
 Environment:
   TRITLLM_FORCE_CPU=1     build without CUDA even if nvcc and a CUDA torch are present
   TRITLLM_FORCE_CUDA=1    build the CUDA kernels even without a visible GPU (needs nvcc)
-  TORCH_CUDA_ARCH_LIST    CUDA archs; default: the visible GPUs, else 8.0;8.6;8.9;9.0
+  TORCH_CUDA_ARCH_LIST    CUDA archs; default: the visible GPUs, else 8.0;8.6;8.9;9.0. Hopper
+                          (9.0) is compiled as 9.0a, whose wgmma instructions the batch kernel
+                          uses (csrc/cuda/tile_gemm.cu); 9.0+PTX keeps its PTX as well
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
 """
 import glob
@@ -95,6 +97,20 @@ def _cuda_library_include_dirs():
     return sorted(d for root in roots for d in glob.glob(os.path.join(root, "*", "include")))
 
 
+def _hopper_as_sm90a(archs):
+    """9.0 -> 9.0a (sm_90a code runs only on compute capability 9.0, as sm_90 code does, and adds
+    wgmma); 9.0+PTX -> 9.0a;9.0+PTX, keeping the portable PTX for newer GPUs."""
+    out = []
+    for arch in re.split(r"[;\s]+", archs.strip()):
+        if arch == "9.0":
+            arch = "9.0a"
+        elif arch == "9.0+PTX":
+            out.append("9.0a")
+        if arch and arch not in out:
+            out.append(arch)
+    return ";".join(out)
+
+
 def _cuda_arch_list():
     """The archs nvcc compiles for; also exported for torch's nvcc flag builder, which reads
     TORCH_CUDA_ARCH_LIST (without it torch would compile for every arch it knows)."""
@@ -103,7 +119,8 @@ def _cuda_arch_list():
         visible = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         archs = ";".join(f"{major}.{minor}" for major, minor in sorted(visible))
         archs = archs or DEFAULT_CUDA_ARCHS
-        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    archs = _hopper_as_sm90a(archs)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     return archs
 
 
@@ -176,19 +193,22 @@ def _extension():
     openmp = ["-fopenmp"] if platform.system() == "Linux" else []
     cxx = ["-O3"] + openmp
     link = openmp + _shared_libstdcxx()
+    cuda_archs = _cuda_arch_list().split(";") if with_cuda else []
     build_config = {
         "torch": torch.__version__,
         "cuda": with_cuda,
         "cuda_version": torch.version.cuda if with_cuda else None,
-        "cuda_archs": re.split(r"[;\s]+", _cuda_arch_list().strip()) if with_cuda else [],
+        "cuda_archs": cuda_archs,
     }
     if with_cuda:
         _check_cuda_home()
         # No --use_fast_math: it flushes float32 denormals to zero, and the format defines a
         # weight as the exactly rounded float32 product codebook * level (docs/FORMAT.md).
+        # TRITLLM_SM90A tells the host code that Hopper GPUs run sm_90a code (with wgmma).
+        sm90a = ["-DTRITLLM_SM90A"] if "9.0a" in cuda_archs else []
         ext = cpp_extension.CUDAExtension(
             "tritllm_ext._C", sources + cuda_sources, include_dirs=_cuda_library_include_dirs(),
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + sm90a},
             extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension("tritllm_ext._C", sources,
