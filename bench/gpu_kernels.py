@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from gpu_bench import DEPTH, SHAPES, Implementations, capture, median_replay_ms  # noqa: E402
 
-KERNELS = ("xtable", "lut", "tile", "generic", "gemm")
+KERNELS = ("xtable", "lut", "tile", "tile_sync", "generic", "gemm")
 TOKENS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
 
 

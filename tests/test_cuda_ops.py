@@ -1,10 +1,12 @@
 """CUDA implementations of torch.ops.tritllm.unpack / matmul (csrc/cuda).
 
-matmul takes one of five kernels (csrc/cuda/register.cu). The kernel tests run the kernel they name
-through torch.ops.tritllm._cuda_matmul_with, whatever the heuristic would pick, and the shapes
-are chosen so that each kernel meets odd M and N, K not a multiple of 16, several K-splits and
-partial row blocks; the heuristic's own choice is what the other tests (3-D inputs, graphs,
-streams, compile) run. Where the heuristic sends each kernel:
+matmul takes one of five kernels (csrc/cuda/register.cu); "tile" has two forms of its
+tensor-core products, wgmma where the build has sm_90a code and the GPU is Hopper, else mma.sync,
+which "tile_sync" names wherever it can run (so Hopper runs test both). The kernel tests run the
+kernel they name through torch.ops.tritllm._cuda_matmul_with, whatever the heuristic would pick,
+and the shapes are chosen so that each kernel meets odd M and N, K not a multiple of 16, several
+K-splits and partial row blocks; the heuristic's own choice is what the other tests (3-D inputs,
+graphs, streams, compile) run. Where the heuristic sends each kernel:
   * "xtable"   depth 1-2, M = 1, whole 512-weight windows (x-tables, any dtype);
   * "tile"     depth 1-2, float16/bfloat16 x, whole 256-weight runs, 2 <= M <= 192, on GPUs
                with ~200 KB of shared memory per block (Hopper);
@@ -56,18 +58,20 @@ PATH_CASES = [
     ("lut", 2, torch.float16, 2, 32000, 256),     # several tiles per persistent CUDA block
     ("lut", 2, torch.bfloat16, 17, 33, 1024),     # two slices of tokens
     ("lut", 1, torch.float16, 48, 20, 512),
-    ("tile", 2, torch.float16, 1, 300, 4352),
-    ("tile", 1, torch.bfloat16, 5, 64, 768),
-    ("tile", 2, torch.bfloat16, 12, 1000, 1024),   # 16-token tile
-    ("tile", 2, torch.float16, 17, 37, 256),
-    ("tile", 2, torch.bfloat16, 17, 33, 1024),
-    ("tile", 1, torch.float16, 48, 20, 512),
-    ("tile", 2, torch.bfloat16, 33, 300, 4352),    # 17 runs, 3 row tiles (the last partial)
-    ("tile", 2, torch.float16, 64, 129, 4090),     # K % 16 != 0 but whole runs of groups
-    ("tile", 1, torch.bfloat16, 100, 200, 768),    # two token tiles, the second partial
-    ("tile", 2, torch.float16, 40, 64, 8192),      # one tile: K split 32 ways
-    ("tile", 2, torch.bfloat16, 512, 50, 512),     # 8 token tiles
-    ("tile", 2, torch.float16, 24, 32000, 256),    # 250 row tiles: several per persistent block
+    *((tile, *case) for tile in ("tile", "tile_sync") for case in [
+        (2, torch.float16, 1, 300, 4352),
+        (1, torch.bfloat16, 5, 64, 768),
+        (2, torch.bfloat16, 12, 1000, 1024),   # 16-token tile
+        (2, torch.float16, 17, 37, 256),
+        (2, torch.bfloat16, 17, 33, 1024),
+        (1, torch.float16, 48, 20, 512),
+        (2, torch.bfloat16, 33, 300, 4352),    # 17 runs, 3 row tiles (the last partial)
+        (2, torch.float16, 64, 129, 4090),     # K % 16 != 0 but whole runs of groups
+        (1, torch.bfloat16, 100, 200, 768),    # two token tiles, the second partial
+        (2, torch.float16, 40, 64, 8192),      # one tile: K split 32 ways
+        (2, torch.bfloat16, 512, 50, 512),     # 8 token tiles
+        (2, torch.float16, 24, 32000, 256),    # 250 row tiles: several per persistent block
+    ]),
     ("generic", 3, torch.float16, 1, 37, 333),
     ("generic", 4, torch.bfloat16, 7, 9, 100),
     ("generic", 2, torch.float32, 16, 41, 15),
@@ -440,7 +444,7 @@ def test_matmul_cat_bad_arguments_raise():
     ("xtable", 2, torch.float16, 1, 300, 4608), ("xtable", 2, torch.bfloat16, 1, 1000, 4096),
     ("lut", 2, torch.float16, 1, 300, 4352), ("generic", 3, torch.bfloat16, 4, 33, 100),
     ("tile", 2, torch.float16, 40, 64, 8192), ("tile", 2, torch.bfloat16, 70, 300, 1024),
-    ("gemm", 2, torch.float16, 600, 65, 512)])
+    ("tile_sync", 2, torch.float16, 8, 1000, 1024), ("gemm", 2, torch.float16, 600, 65, 512)])
 def test_cuda_graph_replay_equals_eager(path, depth, dtype, m, n, k):
     w = CudaWeight(n, k, depth, seed=n, exact=False)
     x = activations((m, k), dtype, seed=k, exact=False).to(DEVICE)

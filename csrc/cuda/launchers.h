@@ -64,11 +64,13 @@ void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::Tenso
 // and tensor-core products, for depth 1 and 2, float16/bfloat16 x, any M (chosen by register.cu
 // for M from 2 to kTileMaxTokens). tile_gemm_supports says whether it can run the call for one
 // weight (shapes, alignment, ~197 KB of shared memory per block). tile_gemm_into takes one or
-// more weights sharing x and writes their products side by side, out [M, N_1 + N_2 + ...].
-//                                                                                 tile_gemm.cu
+// more weights sharing x and writes their products side by side, out [M, N_1 + N_2 + ...], with
+// Hopper's wgmma products (only where tile_gemm_has_wgmma: an sm_90a build on a compute
+// capability 9.0 GPU) or mma.sync ones (any sm_80+ GPU).                         tile_gemm.cu
 bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
+bool tile_gemm_has_wgmma(int device);
 void tile_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-                    int64_t depth, const at::Tensor& out);
+                    int64_t depth, bool wgmma, const at::Tensor& out);
 
 // out [M, N_1 + N_2 + ...] = x @ [W_1; W_2; ...].T for any M: the weights unpacked into one
 // transient dense buffer, then one cuBLAS product (at::mm_out) on the same stream.   gemm.cu

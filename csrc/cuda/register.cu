@@ -7,8 +7,10 @@
 //   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), 2 to 128
 //                 tokens (192 on matrices of 32M weights or more), GPUs with ~200 KB of shared
 //                 memory per block (Hopper): weights decoded in registers once per tile of up
-//                 to 64 tokens, tensor-core products. Faster than lut_gemv from M = 2-4 on (up
-//                 to 2x on 4096x14336) and than unpack + cuBLAS up to M = 128-192;
+//                 to 64 tokens, tensor-core products (wgmma on Hopper builds for sm_90a, else
+//                 mma.sync; "tile_sync" names the mma.sync ones wherever they can run). Faster
+//                 than lut_gemv from M = 2-4 on (up to 2x on 4096x14336) and than unpack +
+//                 cuBLAS up to M = 128-192;
 //   * lut_gemv    the same conditions on GPUs where tile_gemm cannot run, up to
 //                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
@@ -64,13 +66,14 @@ void by_token_slices(const at::Tensor& x, const at::Tensor& out, int64_t slice, 
 }
 
 // The kernels a product can take, by the names the tests and benchmarks use.
-enum class Kernel { kXtable, kLut, kTile, kGeneric, kGemm };
+enum class Kernel { kXtable, kLut, kTile, kTileSync, kGeneric, kGemm };
 
 bool can_run_one(Kernel kernel, const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
   switch (kernel) {
     case Kernel::kXtable: return x.size(0) == 1 && xtable_gemv_supports(x, packed, depth);
     case Kernel::kLut: return lut_gemv_supports(x, packed, depth);
-    case Kernel::kTile: return tile_gemm_supports(x, packed, depth);
+    case Kernel::kTile:
+    case Kernel::kTileSync: return tile_gemm_supports(x, packed, depth);
     case Kernel::kGeneric: return x.size(0) <= kGenericMaxTokens;
     case Kernel::kGemm: return true;
   }
@@ -130,7 +133,11 @@ void run(Kernel kernel, const at::Tensor& x, at::TensorList packed, at::TensorLi
                                              lut_gemv_into(xs, p, c, depth, os);
                                            });
                          });
-    case Kernel::kTile: return tile_gemm_into(x, packed, codebooks, depth, out);
+    case Kernel::kTile:
+      return tile_gemm_into(x, packed, codebooks, depth, tile_gemm_has_wgmma(x.device().index()),
+                            out);
+    case Kernel::kTileSync:
+      return tile_gemm_into(x, packed, codebooks, depth, /*wgmma=*/false, out);
     case Kernel::kGeneric:
       return each_weight(x, packed, codebooks, out,
                          [&](const at::Tensor& x1, const at::Tensor& p, const at::Tensor& c,
@@ -242,8 +249,8 @@ at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& pac
 
 // The kernels by the names the tests and benchmarks use.
 constexpr std::pair<const char*, Kernel> kNames[] = {
-    {"xtable", Kernel::kXtable}, {"lut", Kernel::kLut}, {"tile", Kernel::kTile},
-    {"generic", Kernel::kGeneric}, {"gemm", Kernel::kGemm}};
+    {"xtable", Kernel::kXtable}, {"lut", Kernel::kLut},         {"tile", Kernel::kTile},
+    {"tile_sync", Kernel::kTileSync}, {"generic", Kernel::kGeneric}, {"gemm", Kernel::kGemm}};
 
 // For callers that plan around the kernels (generate.py fuses its element-wise steps into the
 // products where the x-table kernel runs them) and for tests: the name of the kernel the
@@ -267,14 +274,15 @@ at::Tensor matmul_with_cuda(const at::Tensor& x, const at::Tensor& packed,
   for (const auto& [known, kernel] : kNames)
     if (name == known) return product(x, packed, codebook, depth, in_features, kernel);
   TORCH_CHECK(false, "tritllm: unknown CUDA kernel '", name,
-              "'; the kernels are xtable, lut, tile, generic and gemm");
+              "'; the kernels are xtable, lut, tile, tile_sync, generic and gemm");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tritllm, m) {
-  // matmul by a named CUDA kernel (xtable, lut, tile, generic, gemm), for tests and benchmarks;
-  // raises if that kernel cannot run the call. CUDA only, inference only, no fake kernel.
+  // matmul by a named CUDA kernel (xtable, lut, tile, tile_sync, generic, gemm), for tests and
+  // benchmarks; raises if that kernel cannot run the call. CUDA only, inference only, no fake
+  // kernel.
   m.def("_cuda_matmul_with(Tensor x, Tensor packed, Tensor codebook, int depth, int in_features,"
         " str kernel) -> Tensor");
   // The name of the CUDA kernel the heuristic picks for x [..., K] (its rows, dtype and device)

@@ -18,21 +18,40 @@
 // alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
 // float32 partial products in split order (split_sums.cuh), so results are deterministic.
 //
-// Warps. Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand of
-// mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows
-// g and g + 8 of a slab with lut::decode_group_pairs; one k-step holds 4 groups). The B operand,
-// 8 tokens x 16 slots, comes from the staged activations: lane 4g + t needs token g's values of
-// its own group, 32 bytes, which is why the activations are stored group by group in slot order,
-// group 4t + c of a run at position 4c + t (two 16-byte loads per lane and k-step quarter, from
-// 128 consecutive bytes for the four lanes of a token). A token's run is padded from 512 to 528
-// bytes so that the 8 lanes of each quarter-warp load hit 32 different banks.
+// Warps (mma.sync). Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand
+// of mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows g
+// and g + 8 of a slab with lut::decode_group_pairs; one k-step holds 4 groups). The B operand, 8
+// tokens x 16 slots, comes from the staged activations: lane 4g + t needs token g's values of its
+// own group, 32 bytes, which is why the activations are stored group by group in slot order, group
+// 4t + c of a run at position 4c + t (two 16-byte loads per lane and k-step quarter, from 128
+// consecutive bytes for the four lanes of a token). A token's run is padded from 512 to 528 bytes
+// so that the 8 lanes of each quarter-warp load hit 32 different banks.
 //
-// Why these sizes (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let each
-// activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with three
-// stages (28672x4096 at M = 64: 84 against 104 us); the registers (~220 per thread) allow no more.
-// The decode dominates at M <= 64 (ncu at M = 8, 28672x4096: tensor pipe 8% busy; the FMA-heavy
-// pipe, which runs both the paired 16-bit arithmetic and the integer multiplies, 57%, and waits for
-// it the first stall; so lut_decode.cuh takes the fifth digits from its table, not from
+// Hopper (an sm_90a build on a compute capability 9.0 GPU; "tile_sync" forces the form above) runs
+// the same decoder and tiles with three changes, which make it 1.2-1.6x faster at M = 8-192
+// (docs/KERNEL_NOTES.md, session 13):
+//  * The products are wgmma (wgmma.cuh): a warpgroup of four warps multiplies its 64 rows (warp
+//    w % 4 holds rows 16 (w % 4).. of the slab, in the same A fragments) by all the tile's tokens
+//    at once, reading the activations from shared memory itself: no B loads, one instruction per
+//    k-step. Group c's products run while group c + 1 decodes into a second register set.
+//  * The stages arrive by tensor copy (bulk_copy.cuh), not cp.async: thread 0 asks for one box of
+//    the tile's bytes (256 rows x one run; rows past the weight land as zeros) and four boxes of
+//    activations (the tile's tokens x 128 bytes; tokens past M land as zeros), counted on the
+//    stage's mbarrier `landed`. The activations are stored in k-step order (slot_order_kernel)
+//    and land 128-byte swizzled, the layout wgmma reads. This removed ~15 cp.async per thread and
+//    run whose queued source registers were the first stall at M = 64 (ncu).
+//  * No block barrier per run: each warp waits for its stage's `landed` and, when its products
+//    of the run are done, arrives on the stage's `consumed`, which thread 0 waits for before it
+//    refills the stage; warps drift apart by up to a stage, so one warp's decode overlaps
+//    another's products. 16 warps of one slab at every tile size (the accumulators of 64 tokens
+//    fit in 124 registers).
+//
+// Why these sizes for mma.sync (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let
+// each activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with
+// three stages (28672x4096 at M = 64: 84 against 104 us); the registers (~220 per thread) allow no
+// more. The decode dominates at M <= 64 (ncu at M = 8, 28672x4096: tensor pipe 8% busy; the
+// FMA-heavy pipe, which runs both the paired 16-bit arithmetic and the integer multiplies, 57%, and
+// waits for it the first stall; so lut_decode.cuh takes the fifth digits from its table, not from
 // multiplies), and a tile re-decodes its weights for every 64 tokens, so from about M = 192 on,
 // unpack + cuBLAS is about as fast or faster.
 //
@@ -54,11 +73,13 @@
 #include <algorithm>
 #include <limits>
 
+#include "bulk_copy.cuh"
 #include "cp_async.cuh"
 #include "dependent_launch.cuh"
 #include "launchers.h"
 #include "lut_decode.cuh"
 #include "split_sums.cuh"
+#include "wgmma.cuh"
 
 namespace tritllm {
 namespace cuda {
@@ -75,25 +96,37 @@ constexpr int kStages = 2;
 constexpr int kMaxSegments = 4;  // weights per launch
 constexpr int kXRunBytes = kRunWeights * 2;     // one token's run of 16-bit activations
 constexpr int kXRowStride = kXRunBytes + 16;    // padded: conflict-free B loads (see above)
+constexpr int kXBoxBytes = 128;                 // wgmma: a token's run lands in 4 boxes of 128
+constexpr int kSwizzleAtom = 1024;              // ... as 1024-byte-aligned 128-byte swizzle atoms
 
 __host__ __device__ constexpr int run_bytes(int depth) {
   return kRunGroups * bytes_per_group(depth);
 }
-__host__ __device__ constexpr int stage_bytes(int depth, int tile_tokens) {
-  return kTileRows * run_bytes(depth) + tile_tokens * kXRowStride;
+// A stage: the tile's packed bytes of one run and its tokens' activations of that run. mma.sync:
+// the bytes, then the tokens' padded runs. wgmma: the activations first (whole swizzle atoms),
+// then the bytes (kTileRows * run bytes is a multiple of 1024 too).
+__host__ __device__ constexpr int x_stage_bytes(int tile_tokens, bool wgmma) {
+  return tile_tokens * (wgmma ? kXRunBytes : kXRowStride);
 }
-// The digit table, one scale table per segment, then the stages.
+__host__ __device__ constexpr int stage_bytes(int depth, int tile_tokens, bool wgmma) {
+  return kTileRows * run_bytes(depth) + x_stage_bytes(tile_tokens, wgmma);
+}
+// The digit table, one scale table per segment, then the stages (for wgmma from the next 1024-byte
+// boundary, which costs at most 1024 bytes more).
 constexpr size_t tables_bytes(int segments) {
   return size_t(lut::kDigitTableBytes) + size_t(segments) * lut::kScaleTableBytes;
 }
-constexpr size_t shared_bytes(int depth, int tile_tokens, int segments) {
-  return tables_bytes(segments) + size_t(kStages) * stage_bytes(depth, tile_tokens);
+constexpr size_t shared_bytes(int depth, int tile_tokens, int segments, bool wgmma) {
+  return tables_bytes(segments) + size_t(kStages) * stage_bytes(depth, tile_tokens, wgmma) +
+         (wgmma ? kSwizzleAtom : 0);
 }
 
 // x [tokens, in_features] -> slots [tokens, groups * 16]: each group's 16 values in the pair order
-// of lut::decode_group_pairs, group 4t + c of every run of 16 groups stored at position 4c + t,
-// zeros past in_features. One thread per (token, group).
-template <typename T>
+// of lut::decode_group_pairs, zeros past in_features, placed within their run of 16 groups for
+// the B operand (see the top): for mma.sync, group 4t + c at position 4c + t; for wgmma, pair i
+// of group 4t + c is 32-bit word t of half i % 2 of k-step 4c + i / 2. One thread per (token,
+// group).
+template <typename T, bool kWgmma>
 __global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots, int tokens,
                                   int64_t in_features, int64_t groups, bool vector_loads) {
   const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -121,10 +154,17 @@ __global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots
   uint32_t slot[8];
   lut::slot_order(natural, slot);
   const int64_t within = group % kRunGroups;
-  const int64_t position = group - within + (within % 4) * 4 + within / 4;
-  uint4* dst = reinterpret_cast<uint4*>(slots + (m * groups + position) * kGroupSize);
-  dst[0] = make_uint4(slot[0], slot[1], slot[2], slot[3]);
-  dst[1] = make_uint4(slot[4], slot[5], slot[6], slot[7]);
+  if constexpr (kWgmma) {
+    const int t = int(within / 4), c = int(within % 4);
+    uint32_t* run = reinterpret_cast<uint32_t*>(slots + (m * groups + group - within) * kGroupSize);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) run[(4 * c + i / 2) * 8 + (i % 2) * 4 + t] = slot[i];
+  } else {
+    const int64_t position = group - within + (within % 4) * 4 + within / 4;
+    uint4* dst = reinterpret_cast<uint4*>(slots + (m * groups + position) * kGroupSize);
+    dst[0] = make_uint4(slot[0], slot[1], slot[2], slot[3]);
+    dst[1] = make_uint4(slot[4], slot[5], slot[6], slot[7]);
+  }
 }
 
 // One weight of a launch (see "segments" at the top).
@@ -144,6 +184,10 @@ struct TilePlace {
 };
 
 struct TileParams {
+  // wgmma only: tensor maps of each segment's packed bytes (boxes of kTileRows rows x one run)
+  // and of x_slots as bytes (boxes of the tile's tokens x kXBoxBytes, 128-byte swizzle).
+  CUtensorMap w_map[kMaxSegments];
+  CUtensorMap x_map;
   const void* x_slots;       // [tokens, runs * 256] in slot order
   void* out;                 // [tokens, rows], rows out_stride elements apart
   int64_t out_stride;
@@ -195,7 +239,7 @@ __device__ __forceinline__ int segment_of(const TileParams& p, int row_tile) {
   return index;
 }
 
-template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp>
+template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp, bool kWgmma>
 __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     tile_gemm_kernel(const __grid_constant__ TileParams p) {
   using P = lut::Pair<T>;
@@ -206,7 +250,8 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   constexpr int kRunBytes = run_bytes(DEPTH);
   constexpr int kTileTokens = 8 * kTokenTiles;
   constexpr int kWBytes = kTileRows * kRunBytes;
-  constexpr int kStageBytes = stage_bytes(DEPTH, kTileTokens);
+  constexpr int kStageBytes = stage_bytes(DEPTH, kTileTokens, kWgmma);
+  constexpr int kXStageBytes = x_stage_bytes(kTileTokens, kWgmma);
   constexpr int kLaneBytes = kGroupsPerLane * kB;  // 28 (d=2) or 16 (d=1) bytes per row
   constexpr int kWords = kLaneBytes / 4;
   constexpr int kWChunks = kWBytes / 16;
@@ -216,12 +261,26 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   static_assert(kWBytes % 16 == 0, "whole 16-byte chunks");
 
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* stages = smem + tables_bytes(p.segments);
   const uint32_t digits = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // mma.sync: cp.async copies, each thread waits for its own and a barrier for everyone's.
+  // wgmma: tensor copies into 1024-byte-aligned stages, announced by the mbarrier landed[stage];
+  // each warp arrives on consumed[stage] when it is done with a stage (see the loop).
+  const uint32_t tables_end = digits + uint32_t(tables_bytes(p.segments));
+  const uint32_t stages_at =
+      kWgmma ? (tables_end + kSwizzleAtom - 1) & ~uint32_t(kSwizzleAtom - 1) : tables_end;
+  uint8_t* stages = smem + (stages_at - digits);
+  __shared__ __align__(8) uint64_t landed[kStages], consumed[kStages];
+  const uint32_t landed_at = static_cast<uint32_t>(__cvta_generic_to_shared(landed));
+  const uint32_t consumed_at = static_cast<uint32_t>(__cvta_generic_to_shared(consumed));
   const uint32_t scales0 = digits + lut::kDigitTableBytes;  // segment s's at + s * kScaleTableBytes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t row_stride = int64_t(p.runs) * kRunBytes;
+  // wgmma: warp w holds rows 16 (w % 4).. of its warpgroup's 64, which with one slab per warp
+  // are the rows 16 w.. that mma.sync gives it too.
+  static_assert(!kWgmma || kSlabsPerWarp == 1, "wgmma: one 16-row slab per warp");
+  static_assert(!kWgmma || (kWBytes % kSwizzleAtom == 0 && kXStageBytes % kSwizzleAtom == 0),
+                "wgmma: stages of whole swizzle atoms");
 
   // The block's work is a list of items (tile, run): tiles blockIdx.x, + gridDim.x, ..., and in
   // each tile the runs of its split. Two cursors walk it: the consumer, and the copy issuer
@@ -230,7 +289,10 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   struct Item {
     int tile, first_run, runs, i;
     TilePlace place;
+    int count;              // items before this one (of the block): stage count % kStages
     int stage;
+    int segment;
+    int segment_row;        // the tile's first row in its segment
     const uint8_t* w_tile;  // the packed bytes of the tile's first row
     int rows;               // rows of the tile that exist (fewer in a segment's last tile)
     int first_row;          // the tile's first column of out
@@ -244,12 +306,15 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     const int index = segment_of(p, it.place.row_tile);
     const TileSegment& seg = p.segment[index];
     const int first = (it.place.row_tile - seg.first_row_tile) * kTileRows;  // of the segment
+    it.segment = index;
+    it.segment_row = first;
     it.w_tile = seg.packed + first * row_stride;
     it.rows = min(seg.rows - first, kTileRows);
     it.first_row = seg.first_row + first;
     it.scales = scales0 + index * lut::kScaleTableBytes;
   };
   auto advance = [&](Item& it) {
+    ++it.count;
     it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
     if (++it.i == it.runs) {
       it.tile += gridDim.x;
@@ -276,6 +341,26 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   const int64_t x_src0 = warp * x_stride + lane * 16;
   const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x_slots);
   auto issue = [&](const Item& it) {
+    if constexpr (kWgmma) {
+      // One thread asks the copy engine for the run's bytes (one box; rows past the segment land
+      // as zeros) and the tokens' activations (four boxes; tokens past M land as zeros), once
+      // every warp is done with the stage's previous contents.
+      if (threadIdx.x != 0 || it.tile >= p.tiles) return;
+      const uint32_t stage = stages_at + it.stage * kStageBytes;
+      const uint32_t bar = landed_at + 8 * it.stage;
+      if (it.count >= kStages)
+        mbarrier_wait(consumed_at + 8 * it.stage, (it.count / kStages - 1) & 1);
+      const int run = it.first_run + it.i;
+      mbarrier_expect_bytes(bar, kStageBytes);
+      copy_box_to_shared(stage + kXStageBytes, &p.w_map[it.segment], run * kRunBytes,
+                         it.segment_row, bar);
+#pragma unroll
+      for (int a = 0; a < kXRunBytes / kXBoxBytes; ++a)
+        copy_box_to_shared(stage + a * kTileTokens * kXBoxBytes, &p.x_map,
+                           run * kXRunBytes + a * kXBoxBytes, it.place.token_tile * kTileTokens,
+                           bar);
+      return;
+    }
     if (it.tile < p.tiles) {
       const int run = it.first_run + it.i;
       uint8_t* dst = stages + it.stage * kStageBytes;
@@ -288,8 +373,8 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
                       valid);
         }
       }
-      const uint8_t* x_base =
-          x_bytes + int64_t(it.place.token_tile) * kTileTokens * x_stride + int64_t(run) * kXRunBytes;
+      const uint8_t* x_base = x_bytes + int64_t(it.place.token_tile) * kTileTokens * x_stride +
+                              int64_t(run) * kXRunBytes;
       const int tokens_left = p.tokens - it.place.token_tile * kTileTokens;
 #pragma unroll
       for (int q = 0; q < kXRounds; ++q) {
@@ -303,6 +388,15 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     cp_async_commit();  // one group per item, empty or not, so the wait count below holds
   };
 
+  if (kWgmma && threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(landed_at + 8 * s);
+      mbarrier_init(consumed_at + 8 * s, kWarps);
+    }
+    for (int s = 0; s < p.segments; ++s) prefetch_tensor_map(&p.w_map[s]);
+    prefetch_tensor_map(&p.x_map);
+  }
   // Launched early: what follows reads the inputs and writes the outputs.
   wait_for_previous_kernel();
   let_next_kernel_start();
@@ -323,6 +417,7 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     if (s < p.segments)
       lut::build_scale_table<DEPTH, T>(smem + lut::kDigitTableBytes + s * lut::kScaleTableBytes,
                                        p.segment[s].codebook, p.segment[s].codebook_size);
+  if constexpr (kWgmma) __syncthreads();  // the tables and mbarriers, before any use
   const uint32_t lane_offset = lane * 8;
 
   // acc[s][q]: rows (g, g, g+8, g+8) of slab s x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
@@ -335,19 +430,24 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
       for (int r = 0; r < 4; ++r) acc[s][q][r] = 0.f;
 
   for (; item.tile < p.tiles; advance(item)) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of `item` have landed
-    __syncthreads();  // everyone's have; and everyone is done with the stage refilled next
+    if constexpr (kWgmma) {
+      mbarrier_wait(landed_at + 8 * item.stage, (item.count / kStages) & 1);
+    } else {
+      cp_async_wait<kStages - 2>();  // this thread's copies of `item` have landed
+      __syncthreads();  // everyone's have; and everyone is done with the stage refilled next
+    }
     issue(ahead);
     advance(ahead);
 
     const uint8_t* stage = stages + item.stage * kStageBytes;
+    const uint8_t* w_stage = stage + (kWgmma ? kXStageBytes : 0);
     uint32_t word[kSlabsPerWarp][2][kWords];  // this lane's bytes of rows g and g + 8 per slab
 #pragma unroll
     for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint8_t* mine =
-            stage + (warp * kWarpRows + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
+            w_stage + (warp * kWarpRows + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
         if constexpr (kLaneBytes % 16 == 0) {
 #pragma unroll
           for (int q = 0; q < kWords / 4; ++q) {
@@ -361,31 +461,74 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
             word[s][h][q] = reinterpret_cast<const uint32_t*>(mine)[q];
         }
       }
-    const uint8_t* x_lane = stage + kWBytes + g * kXRowStride + t * 32;
+    if constexpr (kWgmma) {
+      // Group c's pairs feed the k-steps 4c..4c+3; its products run while group c + 1 decodes
+      // into the other register set (wait<1>: group c - 1's products are done with theirs).
+      const uint64_t x_desc =
+          wgmma::descriptor_128b_swizzle(stages_at + uint32_t(item.stage * kStageBytes));
+      uint32_t w[2][kSlabsPerWarp][2][8];
 #pragma unroll
-    for (int c = 0; c < kGroupsPerLane; ++c) {
-      uint32_t w[kSlabsPerWarp][2][8];  // decoded pairs of group 4t + c, rows g and g + 8
+      for (int c = 0; c < kGroupsPerLane; ++c) {
 #pragma unroll
-      for (int s = 0; s < kSlabsPerWarp; ++s)
+        for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
-                                            w[s][h]);
-#pragma unroll
-      for (int q = 0; q < kTokenTiles; ++q) {
-        const uint4* src = reinterpret_cast<const uint4*>(x_lane + q * 8 * kXRowStride + c * 128);
-        const uint4 lo = src[0], hi = src[1];
-        const uint32_t xb[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+          for (int h = 0; h < 2; ++h)
+            lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
+                                              w[c % 2][s][h]);
+        wgmma::fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int s = 0; s < kSlabsPerWarp; ++s)
-            P::mma(acc[s][q], w[s][0][2 * j], w[s][1][2 * j], w[s][0][2 * j + 1],
-                   w[s][1][2 * j + 1], xb[2 * j], xb[2 * j + 1]);
+          for (int s = 0; s < kSlabsPerWarp; ++s) {
+            const uint32_t(&ws)[2][8] = w[c % 2][s];
+            const uint32_t a[4] = {ws[0][2 * j], ws[1][2 * j], ws[0][2 * j + 1], ws[1][2 * j + 1]};
+            // k-step 4c + j: box c, 32 j bytes into its rows (the descriptor counts 16 bytes)
+            wgmma::mma<T, kTileTokens>(acc[s], a,
+                                       x_desc + (c * kTileTokens * kXBoxBytes + 32 * j) / 16);
+          }
+        wgmma::commit();
+        wgmma::wait<1>();
+      }
+      // Done with the stage once the last products have read it (the bytes were read above).
+      wgmma::wait<0>();
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(consumed_at + 8 * item.stage);
+    } else {
+      const uint8_t* x_lane = stage + kWBytes + g * kXRowStride + t * 32;
+#pragma unroll
+      for (int c = 0; c < kGroupsPerLane; ++c) {
+        uint32_t w[kSlabsPerWarp][2][8];  // decoded pairs of group 4t + c, rows g and g + 8
+#pragma unroll
+        for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
+                                              w[s][h]);
+#pragma unroll
+        for (int q = 0; q < kTokenTiles; ++q) {
+          const uint4* src =
+              reinterpret_cast<const uint4*>(x_lane + q * 8 * kXRowStride + c * 128);
+          const uint4 lo = src[0], hi = src[1];
+          const uint32_t xb[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int s = 0; s < kSlabsPerWarp; ++s)
+              P::mma(acc[s][q], w[s][0][2 * j], w[s][1][2 * j], w[s][0][2 * j + 1],
+                     w[s][1][2 * j + 1], xb[2 * j], xb[2 * j + 1]);
+        }
       }
     }
 
     if (item.i == item.runs - 1) {  // the tile's last run: write its products
+      if constexpr (kWgmma) {  // (their wait<0> is above)
+#pragma unroll
+        for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+          for (int q = 0; q < kTokenTiles; ++q)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) wgmma::touch(acc[s][q][r]);
+      }
       const int token0 = item.place.token_tile * kTileTokens;
 #pragma unroll
       for (int s = 0; s < kSlabsPerWarp; ++s)
@@ -408,17 +551,21 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
           }
     }
   }
-  cp_async_wait<0>();
+  if constexpr (!kWgmma) cp_async_wait<0>();
 }
 
-template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp>
-void launch(TileParams p, const at::Tensor& out) {
+// `slots`: x in slot order (wgmma: the source of p.x_map, made here for this tile size).
+template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp, bool kWgmma>
+void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles, kSlabsPerWarp>;
+  auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles, kSlabsPerWarp, kWgmma>;
   constexpr int kThreads = warps_for(kSlabsPerWarp) * 32;
   constexpr int kTileTokens = 8 * kTokenTiles;
-  const size_t smem = shared_bytes(DEPTH, kTileTokens, p.segments);
+  const size_t smem = shared_bytes(DEPTH, kTileTokens, p.segments, kWgmma);
   const int sms = props->multiProcessorCount;
+  if (kWgmma)
+    p.x_map = byte_box_map(slots.view(at::kByte), kTileTokens, kXBoxBytes,
+                           CU_TENSOR_MAP_SWIZZLE_128B);
 
   p.token_tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   // Split K when there are too few tiles for the SMs: pick the split with the fewest runs per
@@ -452,12 +599,12 @@ void launch(TileParams p, const at::Tensor& out) {
   add_split_partials<T>(partials, out, stream, early);
 }
 
-template <typename T>
+template <typename T, bool kWgmma>
 void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t groups) {
   const int64_t items = x.size(0) * groups;
   const bool vector_loads =
       x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  auto kernel = slot_order_kernel<T>;
+  auto kernel = slot_order_kernel<T, kWgmma>;
   const LaunchConfig config(dim3(unsigned((items + 255) / 256)), dim3(256), 0,
                             at::cuda::getCurrentCUDAStream(),
                             runs_sm90_code(reinterpret_cast<const void*>(kernel)));
@@ -468,26 +615,28 @@ void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t gro
 
 // The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers allow
 // 16 warps of one slab each (more latency hidden); above, 8 warps of two slabs.
-template <int DEPTH, typename T>
-void launch_for_tokens(const TileParams& p, const at::Tensor& out) {
+template <int DEPTH, typename T, bool kWgmma>
+void launch_for_tokens(const TileParams& p, const at::Tensor& slots, const at::Tensor& out) {
   if (p.tokens <= 8)
-    launch<DEPTH, T, 1, 1>(p, out);
+    launch<DEPTH, T, 1, 1, kWgmma>(p, slots, out);
   else if (p.tokens <= 16)
-    launch<DEPTH, T, 2, 1>(p, out);
+    launch<DEPTH, T, 2, 1, kWgmma>(p, slots, out);
   else if (p.tokens <= 32)
-    launch<DEPTH, T, 4, 1>(p, out);
+    launch<DEPTH, T, 4, 1, kWgmma>(p, slots, out);
+  else if constexpr (kWgmma)
+    launch<DEPTH, T, 8, 1, kWgmma>(p, slots, out);
   else
-    launch<DEPTH, T, 8, 2>(p, out);
+    launch<DEPTH, T, 8, 2, kWgmma>(p, slots, out);
 }
 
 // x in slot order once, then one launch per kMaxSegments weights, each weight into its own
 // columns of out.
-template <int DEPTH, typename T>
+template <int DEPTH, typename T, bool kWgmma>
 void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
          const at::Tensor& out) {
   const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
   at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
-  put_in_slot_order<T>(x, slots, groups);
+  put_in_slot_order<T, kWgmma>(x, slots, groups);
   int64_t first_column = 0;  // of this launch's weights in out
   for (size_t first = 0; first < packed.size(); first += kMaxSegments) {
     TileParams p{};
@@ -496,6 +645,7 @@ void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
       if (rows == 0) continue;
       TileSegment& seg = p.segment[p.segments++];
       seg.packed = packed[i].data_ptr<uint8_t>();
+      if (kWgmma) p.w_map[p.segments - 1] = byte_box_map(packed[i], kTileRows, run_bytes(DEPTH));
       seg.codebook = codebooks[i].data_ptr<float>();
       seg.codebook_size = int(codebooks[i].numel());
       seg.rows = int(rows);
@@ -514,18 +664,38 @@ void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
     p.out_stride = out.stride(0);
     p.tokens = int(x.size(0));
     p.runs = int(groups / kRunGroups);
-    launch_for_tokens<DEPTH, T>(p, part);
+    launch_for_tokens<DEPTH, T, kWgmma>(p, slots, part);
   }
 }
 
+template <int DEPTH, typename T>
+void run_with(bool wgmma, const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
+              const at::Tensor& out) {
+  if (wgmma)
+    run<DEPTH, T, true>(x, packed, codebooks, out);
+  else
+    run<DEPTH, T, false>(x, packed, codebooks, out);
+}
+
 }  // namespace
+
+bool tile_gemm_has_wgmma(int device) {
+#if defined(TRITLLM_SM90A)
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
+  return props->major == 9 && props->minor == 0;
+#else
+  (void)device;
+  return false;
+#endif
+}
 
 bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth) {
   if (depth != 1 && depth != 2) return false;
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
   if (props->major < 8) return false;
-  if (shared_bytes(int(depth), 64, kMaxSegments) > props->sharedMemPerBlockOptin) return false;
+  if (shared_bytes(int(depth), 64, kMaxSegments, /*wgmma=*/false) > props->sharedMemPerBlockOptin)
+    return false;  // the larger of the two layouts
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.
@@ -534,21 +704,23 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
 }
 
 void tile_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-                    int64_t depth, const at::Tensor& out) {
+                    int64_t depth, bool wgmma, const at::Tensor& out) {
   int64_t rows = 0;
   for (const at::Tensor& w : packed) rows += w.size(0);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() &&
                   out.size(0) == x.size(0) && out.size(1) == rows && !packed.empty() &&
                   codebooks.size() == packed.size(),
               "tritllm: internal error: tile_gemm needs contiguous x [M, K], out [M, N]");
+  TORCH_CHECK(!wgmma || tile_gemm_has_wgmma(x.device().index()),
+              "tritllm: internal error: tile_gemm's wgmma products need an sm_90a build on Hopper");
   if (x.size(0) == 0 || rows == 0) return;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (depth == 1)
-    bf16 ? run<1, __nv_bfloat16>(x, packed, codebooks, out)
-         : run<1, __half>(x, packed, codebooks, out);
+    bf16 ? run_with<1, __nv_bfloat16>(wgmma, x, packed, codebooks, out)
+         : run_with<1, __half>(wgmma, x, packed, codebooks, out);
   else
-    bf16 ? run<2, __nv_bfloat16>(x, packed, codebooks, out)
-         : run<2, __half>(x, packed, codebooks, out);
+    bf16 ? run_with<2, __nv_bfloat16>(wgmma, x, packed, codebooks, out)
+         : run_with<2, __half>(wgmma, x, packed, codebooks, out);
 }
 
 }  // namespace cuda

@@ -1,0 +1,202 @@
+// Hopper's warpgroup matrix product (wgmma, sm_90a) with the A operand in registers, as
+// tile_gemm.cu uses it: A is a 64-row slab of decoded weights held by the four warps of a
+// warpgroup (warp w of the group holds rows 16w..16w+15, each warp in the m16n8k16 A-fragment
+// layout of mma.sync), B is a K = 16 x N slice of activations in shared memory, named by a
+// descriptor, and D, 64 x N float32, stays in registers in the mma.sync accumulator layout
+// repeated N / 8 times. The instruction is asynchronous: a warpgroup issues several, commits them
+// as a group and waits for the group before it reads D or rewrites the A registers it gave.
+//
+// Only code compiled for sm_90a has these instructions (__CUDA_ARCH_FEAT_SM90_ALL); elsewhere the
+// functions are empty and must not be called (tile_gemm.cu chooses them only on Hopper builds).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace tritllm {
+namespace cuda {
+namespace wgmma {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TRITLLM_WGMMA_DEVICE 1
+#endif
+
+// The shared-memory descriptor of a B slice [16 x N] in the 128-byte swizzled K-major layout (as a
+// tensor copy with CU_TENSOR_MAP_SWIZZLE_128B lands it, bulk_copy.cuh): row n (of N) holds 64
+// values along K in 128 bytes, its 16-byte chunks permuted by XOR with n % 8, and 8 such rows make
+// a 1024-byte atom (1024-byte aligned); atoms of successive 8-row groups follow each other. The
+// k16 slice starting 2k bytes into the rows is named by `shared_address` = atom base + 2k (the
+// hardware applies the XOR to the final address). Fields (16-byte units, 14 bits): start address,
+// "leading" offset (unused with this swizzle: 1), stride between 8-row atoms (1024 bytes), and
+// the layout type in bits 62-63 (1: 128-byte swizzle).
+__device__ __forceinline__ uint64_t descriptor_128b_swizzle(uint32_t shared_address) {
+  return uint64_t((shared_address >> 4) & 0x3FFF) | uint64_t(1) << 16 |
+         uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
+}
+
+// Orders this thread's earlier register writes (the decoded A, a zeroed D) before the wgmma
+// instructions that follow.
+__device__ __forceinline__ void fence() {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+
+// Closes the group of wgmma instructions issued since the last commit.
+__device__ __forceinline__ void commit() {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending committed groups of this warpgroup are still running.
+template <int kPending>
+__device__ __forceinline__ void wait() {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Tells the compiler that `v` may have changed here, so that no read of an accumulator moves
+// above the wait that makes it valid (the compiler does not know wgmma writes it late).
+__device__ __forceinline__ void touch(float& v) { asm volatile("" : "+f"(v)::"memory"); }
+
+// D[64 x N] += A[64 x 16] (registers a) x B[16 x N] (descriptor b), float32 accumulation. d[i]
+// holds the lane's four values of columns 8i..8i+7 in the mma.sync order (rows g, g, g+8, g+8 of
+// its warp's 16; columns 2t, 2t+1, 2t, 2t+1), a is the lane's A fragment as for mma.m16n8k16.
+template <typename T, int N>
+__device__ __forceinline__ void mma(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b);
+
+template <>
+__device__ __forceinline__ void mma<__half, 8>(float (&d)[1][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 "
+      "{%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16, 8>(float (&d)[1][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__half, 16>(float (&d)[2][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16, 16>(float (&d)[2][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__half, 32>(float (&d)[4][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+        "+f"(d[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16, 32>(float (&d)[4][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+        "+f"(d[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__half, 64>(float (&d)[8][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16, 64>(float (&d)[8][4],
+                                  const uint32_t (&a)[4], uint64_t b) {
+#ifdef TRITLLM_WGMMA_DEVICE
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+
+#undef TRITLLM_WGMMA_DEVICE
+
+}  // namespace wgmma
+}  // namespace cuda
+}  // namespace tritllm
