@@ -69,132 +69,85 @@ __device__ __forceinline__ void touch(float& v) { asm volatile("" : "+f"(v)::"me
 template <typename T, int N>
 __device__ __forceinline__ void mma(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b);
 
-template <>
-__device__ __forceinline__ void mma<__half, 8>(float (&d)[1][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
+// The four shapes tile_gemm uses, each for float16 and bfloat16 (TYPE: the PTX type name).
 #ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 "
-      "{%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#define TRITLLM_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define TRITLLM_WGMMA_ASM(...)
 #endif
-}
 
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16, 8>(float (&d)[1][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
+#define TRITLLM_WGMMA_MMA_N8(T, TYPE)                                               \
+  template <>                                                                       \
+  __device__ __forceinline__ void mma<T, 8>(float(&d)[1][4], const uint32_t(&a)[4], \
+                                             uint64_t b) {                          \
+    TRITLLM_WGMMA_ASM(                                                              \
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPE "." TYPE " "              \
+        "{%0, %1, %2, %3}, "                                                        \
+        "{%4, %5, %6, %7}, %8, 1, 1, 1, 0;"                                         \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])                \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                      \
+  }
+TRITLLM_WGMMA_MMA_N8(__half, "f16")
+TRITLLM_WGMMA_MMA_N8(__nv_bfloat16, "bf16")
+#undef TRITLLM_WGMMA_MMA_N8
 
-template <>
-__device__ __forceinline__ void mma<__half, 16>(float (&d)[2][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
+#define TRITLLM_WGMMA_MMA_N16(T, TYPE)                                               \
+  template <>                                                                        \
+  __device__ __forceinline__ void mma<T, 16>(float(&d)[2][4], const uint32_t(&a)[4], \
+                                             uint64_t b) {                           \
+    TRITLLM_WGMMA_ASM(                                                               \
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " "              \
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, "                                         \
+        "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"                                       \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), \
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])                                \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                       \
+  }
+TRITLLM_WGMMA_MMA_N16(__half, "f16")
+TRITLLM_WGMMA_MMA_N16(__nv_bfloat16, "bf16")
+#undef TRITLLM_WGMMA_MMA_N16
 
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16, 16>(float (&d)[2][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "{%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
+#define TRITLLM_WGMMA_MMA_N32(T, TYPE)                                               \
+  template <>                                                                        \
+  __device__ __forceinline__ void mma<T, 32>(float(&d)[4][4], const uint32_t(&a)[4], \
+                                             uint64_t b) {                           \
+    TRITLLM_WGMMA_ASM(                                                               \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " "              \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "   \
+        "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;"                                     \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), \
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), \
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), \
+          "+f"(d[3][3])                                                              \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                       \
+  }
+TRITLLM_WGMMA_MMA_N32(__half, "f16")
+TRITLLM_WGMMA_MMA_N32(__nv_bfloat16, "bf16")
+#undef TRITLLM_WGMMA_MMA_N32
 
-template <>
-__device__ __forceinline__ void mma<__half, 32>(float (&d)[4][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-        "+f"(d[3][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
+#define TRITLLM_WGMMA_MMA_N64(T, TYPE)                                                      \
+  template <>                                                                               \
+  __device__ __forceinline__ void mma<T, 64>(float(&d)[8][4], const uint32_t(&a)[4],        \
+                                             uint64_t b) {                                  \
+    TRITLLM_WGMMA_ASM(                                                                      \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                     \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+        "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;"                                            \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),        \
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),        \
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),        \
+          "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),        \
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),        \
+          "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),        \
+          "+f"(d[7][2]), "+f"(d[7][3])                                                      \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                              \
+  }
+TRITLLM_WGMMA_MMA_N64(__half, "f16")
+TRITLLM_WGMMA_MMA_N64(__nv_bfloat16, "bf16")
+#undef TRITLLM_WGMMA_MMA_N64
 
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16, 32>(float (&d)[4][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "{%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-        "+f"(d[3][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
-
-template <>
-__device__ __forceinline__ void mma<__half, 64>(float (&d)[8][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-        "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
-
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16, 64>(float (&d)[8][4],
-                                  const uint32_t (&a)[4], uint64_t b) {
-#ifdef TRITLLM_WGMMA_DEVICE
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-        "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-        "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-        "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-        "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#endif
-}
-
+#undef TRITLLM_WGMMA_ASM
 #undef TRITLLM_WGMMA_DEVICE
 
 }  // namespace wgmma
