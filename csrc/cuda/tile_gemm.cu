@@ -92,7 +92,11 @@ constexpr int kTileRows = 256;  // 16 warps of one 16-row slab each, or 8 warps 
 __host__ __device__ constexpr int warps_for(int slabs_per_warp) {
   return kTileRows / 16 / slabs_per_warp;
 }
-constexpr int kStages = 2;
+// Shared-memory stages: two for mma.sync; for wgmma three up to 32 tokens (a stage is smaller
+// there, and more of them let the warps drift further apart), else two.
+__host__ __device__ constexpr int stages_for(bool wgmma, int tile_tokens) {
+  return wgmma && tile_tokens <= 32 ? 3 : 2;
+}
 constexpr int kMaxSegments = 4;  // weights per launch
 constexpr int kXRunBytes = kRunWeights * 2;     // one token's run of 16-bit activations
 constexpr int kXRowStride = kXRunBytes + 16;    // padded: conflict-free B loads (see above)
@@ -117,7 +121,8 @@ constexpr size_t tables_bytes(int segments) {
   return size_t(lut::kDigitTableBytes) + size_t(segments) * lut::kScaleTableBytes;
 }
 constexpr size_t shared_bytes(int depth, int tile_tokens, int segments, bool wgmma) {
-  return tables_bytes(segments) + size_t(kStages) * stage_bytes(depth, tile_tokens, wgmma) +
+  return tables_bytes(segments) +
+         size_t(stages_for(wgmma, tile_tokens)) * stage_bytes(depth, tile_tokens, wgmma) +
          (wgmma ? kSwizzleAtom : 0);
 }
 
@@ -250,6 +255,7 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   constexpr int kRunBytes = run_bytes(DEPTH);
   constexpr int kTileTokens = 8 * kTokenTiles;
   constexpr int kWBytes = kTileRows * kRunBytes;
+  constexpr int kStages = stages_for(kWgmma, kTileTokens);
   constexpr int kStageBytes = stage_bytes(DEPTH, kTileTokens, kWgmma);
   constexpr int kXStageBytes = x_stage_bytes(kTileTokens, kWgmma);
   constexpr int kLaneBytes = kGroupsPerLane * kB;  // 28 (d=2) or 16 (d=1) bytes per row
@@ -694,8 +700,11 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
   if (props->major < 8) return false;
-  if (shared_bytes(int(depth), 64, kMaxSegments, /*wgmma=*/false) > props->sharedMemPerBlockOptin)
-    return false;  // the larger of the two layouts
+  size_t most = 0;  // of any launch of either form
+  for (const int tile_tokens : {8, 16, 32, 64})
+    for (const bool wgmma : {false, true})
+      most = std::max(most, shared_bytes(int(depth), tile_tokens, kMaxSegments, wgmma));
+  if (most > props->sharedMemPerBlockOptin) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.
