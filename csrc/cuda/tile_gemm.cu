@@ -43,8 +43,9 @@
 //  * No block barrier per run: each warp waits for its stage's `landed` and, when its products
 //    of the run are done, arrives on the stage's `consumed`, which thread 0 waits for before it
 //    refills the stage; warps drift apart by up to a stage, so one warp's decode overlaps
-//    another's products. 16 warps of one slab at every tile size (the accumulators of 64 tokens
-//    fit in 124 registers).
+//    another's products (three stages up to 32 tokens, where they fit: 2-7% faster on the large
+//    matrices). 16 warps of one slab at every tile size (the accumulators of 64 tokens fit in
+//    127 registers).
 //
 // Why these sizes for mma.sync (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let
 // each activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with
