@@ -249,8 +249,9 @@ at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& pac
 
 // The kernels by the names the tests and benchmarks use.
 constexpr std::pair<const char*, Kernel> kNames[] = {
-    {"xtable", Kernel::kXtable}, {"lut", Kernel::kLut},         {"tile", Kernel::kTile},
-    {"tile_sync", Kernel::kTileSync}, {"generic", Kernel::kGeneric}, {"gemm", Kernel::kGemm}};
+    {"xtable", Kernel::kXtable},       {"lut", Kernel::kLut},
+    {"tile", Kernel::kTile},           {"tile_sync", Kernel::kTileSync},
+    {"generic", Kernel::kGeneric},     {"gemm", Kernel::kGemm}};
 
 // For callers that plan around the kernels (generate.py fuses its element-wise steps into the
 // products where the x-table kernel runs them) and for tests: the name of the kernel the
