@@ -56,12 +56,12 @@
 // The start of a window is the fixed cost of a block: the activations must arrive and the tables
 // be built (1 us) before any batch is computed. A block reads the window's 512 activations, one
 // per thread, into shared memory and fills the tables from there: a build waits for one global
-// load instead of one per table unit. At a block's first window the first two batches are
-// requested once the activations have arrived (not before, as x4-x6 did: its own requests would
-// delay them), and land while the tables are built; at a later window the activations were read
-// during the last one, and the requests go out before the block waits for its slowest warp. The
-// other blocks' requests still delay the activations of most blocks: at the start of a call the
-// x of a block arrives after 2-6 us (x7 in docs/KERNEL_NOTES.md). The kernel is launched early
+// load instead of one per table unit. Each warp requests its first two batches of a window before
+// the block stages the window's activations: at a block's first window just after the loads of
+// the activations are issued (before, as x4-x6 did, the block's own requests delayed them; after
+// their arrival, as x7-x8 did, the requests waited 1 us for them), at a later window before the
+// block waits for its slowest warp (the activations were read during the last window). The
+// batches land while the tables are built. The kernel is launched early
 // (dependent_launch.cuh): its blocks set up their barriers while the kernel before it ends, and
 // wait for it before they read anything.
 //
@@ -366,20 +366,21 @@ __device__ __forceinline__ uint32_t slot_address(uint32_t start, uint32_t region
 }
 
 // The lane's bytes of the 8 rows of a landed batch (rows past the weight's end are zeros: their
-// sums are computed and dropped). `two_words` says whether the lane's group runs into the next
-// 8-byte word (d = 2, 7 l mod 8 >= 2).
+// sums are computed and dropped). `hi_offset`: 8 where the lane's group runs into the next 8-byte
+// word (d = 2, 7 l mod 8 >= 2), else 0: the lane then reads its first word twice, an unused copy,
+// rather than a word past the row (lane 31) or a predicated load and zeros (an instruction more).
 template <int DEPTH>
-__device__ __forceinline__ void read_batch(uint32_t slot, int lane, bool two_words,
+__device__ __forceinline__ void read_batch(uint32_t slot, int lane, uint32_t hi_offset,
                                            GroupBytes (&g)[kBatchRows]) {
   const uint32_t at = slot + ((bytes_per_group(DEPTH) * lane) & ~7);
 #pragma unroll
   for (int r = 0; r < kBatchRows; ++r) {
     const uint32_t word = at + r * window_bytes(DEPTH);
     asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(g[r].lo.x), "=r"(g[r].lo.y) : "r"(word));
-    if (DEPTH == 2 && two_words)
+    if (DEPTH == 2)
       asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
                    : "=r"(g[r].hi.x), "=r"(g[r].hi.y)
-                   : "r"(word + 8));
+                   : "r"(word + hi_offset));
     else
       g[r].hi = make_uint2(0u, 0u);
   }
@@ -482,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t codebooks_at = static_cast<uint32_t>(__cvta_generic_to_shared(codebooks));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const LaneTables tables(region_a, lane);
-  const bool two_words = DEPTH == 2 && ((bytes_per_group(DEPTH) * lane) & 7) >= 2;
+  const uint32_t hi_offset = DEPTH == 2 && ((bytes_per_group(DEPTH) * lane) & 7) >= 2 ? 8 : 0;
   static_assert(kSlots == 2, "slots 0 and 1 are picked by a select, not an array index");
   const uint32_t slot0 = slot_address<DEPTH>(start, region_a, warp, 0);
   const uint32_t slot1 = slot_address<DEPTH>(start, region_a, warp, 1);
@@ -524,7 +525,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int window = int(item / p.batches);
     const int begin = int(item - int64_t(window) * p.batches);
     const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
-    const bool first_window = item == first;
     const int64_t next_item = int64_t(window) * p.batches + end;
 
     // Batch `batch` of the window into slot i (nothing past the block's share): lane 0 asks the
@@ -538,20 +538,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                          (batch - seg.first_batch) * kBatchRows, bar);
     };
     // The warp's batches of the window are begin + warp + kWarps j, batch j in slot j % 2; its
-    // slots are free (its requests of the last window have all been consumed). When the first
-    // two are requested: see "The start of a window" at the top.
-    if (!first_window) {
+    // slots are free (its requests of the last window have all been consumed). Why the first two
+    // are requested here: see "The start of a window" at the top.
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i) request(begin + warp + i * kWarps, i);
-    }
+    for (int i = 0; i < kSlots; ++i) request(begin + warp + i * kWarps, i);
     __syncthreads();  // the last window's batches are done with the tables and x
     if (threadIdx.x < kWindowWeights)
       window_x[(threadIdx.x / kGroupSize) * kXStride + threadIdx.x % kGroupSize] = next_activation;
     __syncthreads();
-    if (first_window) {
-#pragma unroll
-      for (int i = 0; i < kSlots; ++i) request(begin + warp + i * kWarps, i);
-    }
     if (next_item < last) next_activation = window_activation<T>(p, window + 1, rms_factor);
     build_x_tables(window_x, region_a);
     // Read at the kernel's start; needed from the first batch on.
@@ -563,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbarrier_wait(i ? bar1 : bar0, (parity >> i) & 1);
       parity ^= 1u << i;
       GroupBytes g[kBatchRows];
-      read_batch<DEPTH>(i ? slot1 : slot0, lane, two_words, g);
+      read_batch<DEPTH>(i ? slot1 : slot0, lane, hi_offset, g);
       __syncwarp();  // every lane has its words: the slot may be refilled
       request(batch + kSlots * kWarps, i);
 
