@@ -43,6 +43,9 @@ PATH_CASES = [
     ("xtable", 2, torch.float16, 1, 37, 512),
     ("xtable", 2, torch.bfloat16, 1, 300, 4608),   # 9 windows: split sums, whole windows per block
     ("xtable", 2, torch.float16, 1, 9, 68096),     # 133 windows, more than SMs: blocks span windows
+    # 28 windows of 512 batches (down of an 8B model): on 132 SMs 4 own blocks a window and 20
+    # helpers taking the windows' last 32 batches
+    ("xtable", 2, torch.float16, 1, 4093, 14336),
     ("xtable", 2, torch.float16, 1, 3001, 4096),   # 8 windows: clusters of 8, partial last batch
     ("xtable", 1, torch.bfloat16, 1, 1003, 3584),  # 7 windows: clusters of 7 at depth 1
     ("xtable", 2, torch.float32, 1, 65, 4090),     # K % 16 != 0 but whole windows of groups

@@ -36,12 +36,13 @@
 //   blocks must share one processing cluster of SMs, so on an H100 (132 SMs) 15 clusters of 8
 //   run, on 120 SMs. Even so 28672x4096 takes 27 us instead of 31 (docs/KERNEL_NOTES.md, x8).
 // * Split sums, for longer K (down: 28 windows): one block per SM, and each window has some of the
-//   blocks (4-5 on 132 SMs) and cuts its batches among them (split_share), so a block builds one
-//   window's tables per call; window partial sums go to a float32 buffer [windows, N] that a second
-//   kernel adds in window order (split_sums.cuh). Only K past blocks x 512 weights makes a block
-//   take a contiguous range of (window, batch) items that crosses windows. With 28 windows a
-//   cluster (at most 8 blocks) would hold 4 windows per block of a few dozen batches each, and
-//   every window change waits for the block's slowest warp.
+//   blocks and cuts its batches among them (split_share), so a block builds one window's tables
+//   per call (on 132 SMs 4 per window taking 5 rounds of batches each, and 20 helpers taking the
+//   windows' last 32 batches, one or two windows each); window partial sums go to a float32
+//   buffer [windows, N] that a second kernel adds in window order (split_sums.cuh). Only K past
+//   blocks x 512 weights makes a block take a contiguous range of (window, batch) items that
+//   crosses windows. With 28 windows a cluster (at most 8 blocks) would hold 4 windows per block
+//   of a few dozen batches each, and every window change waits for the block's slowest warp.
 //
 // Weight bytes arrive by tensor copy (bulk_copy.cuh): each warp has two batch slots in shared
 // memory, and lane 0 asks the copy engine for a batch as one box (8 rows x the window's bytes;
@@ -174,6 +175,7 @@ struct XTableParams {
   int rows;           // of all segments
   int windows;
   int batches;        // per window, of all segments
+  int own_batches;    // of each window's batches, those its own blocks take (see "Items")
   int64_t items;      // windows * batches
   int segments;
   Segment segment[kMaxSegments];
@@ -218,15 +220,62 @@ __device__ __forceinline__ int segment_of(const XTableParams& p, int batch) {
   return s;
 }
 
+// Items. A block takes a contiguous range of items, each one batch of one window. Split sums may
+// cut each window's batches in two (split_share): its first S = own_batches go to the window's own
+// blocks, the rest to "helper" blocks. Items number the first parts of all windows, then the rests:
+// item i < W S is batch i % S of window i / S, item W S + j is batch S + j % (B - S) of window
+// j / (B - S) (W windows, B batches each). Where S = B (cluster sums, and split sums without
+// helpers) item i is batch i % B of window i / B.
+struct ItemRun {
+  int window, begin, end;  // batches [begin, end) of the window
+  int64_t next;            // the item after them
+};
+
+// The run of items from `item` (< last) that lie in one window.
+__device__ __forceinline__ ItemRun item_run(const XTableParams& p, int64_t item, int64_t last) {
+  const int64_t own_items = int64_t(p.windows) * p.own_batches;
+  const bool rest = item >= own_items;
+  const int64_t base = rest ? own_items : 0;
+  const int per_window = rest ? p.batches - p.own_batches : p.own_batches;
+  const int offset = rest ? p.own_batches : 0;
+  ItemRun run;
+  run.window = int((item - base) / per_window);
+  const int64_t window_first = base + int64_t(run.window) * per_window;
+  run.next = min(last, window_first + per_window);
+  run.begin = offset + int(item - window_first);
+  run.end = offset + int(run.next - window_first);
+  return run;
+}
+
 // Split sums: this block's items [first, last). Where there are at least as many blocks as
-// windows, whole windows: window w has blocks ceil(w B / W) .. ceil((w + 1) B / W) - 1 (B blocks,
-// W windows) and cuts its batches evenly among them, so no block builds the tables of a second
-// window or waits for its slowest warp in between. Otherwise a contiguous share of all items.
+// windows, whole windows: window w has blocks ceil(w G / W) .. ceil((w + 1) G / W) - 1 (G blocks)
+// and cuts its batches evenly among them, so no block builds the tables of a second window or
+// waits for its slowest warp in between. But warps take a window's batches in rounds of kWarps,
+// and where G / W is not whole, the windows with fewer blocks can need a round more (down of an
+// 8B model on 132 SMs: 128 batches a block, 6 rounds, against 102-103 and 5 on the 5-block
+// windows). So where the launch set own_batches < B (own_batches, below), every window has
+// floor(G / W) own blocks, taking own_batches (whole rounds) evenly, and the G mod W blocks left
+// over are helpers, each taking the rests of whole consecutive windows. Otherwise a contiguous
+// share of all items.
 __device__ __forceinline__ void split_share(const XTableParams& p, int64_t& first, int64_t& last) {
   const int64_t blocks = gridDim.x, windows = p.windows, b = blockIdx.x;
   if (blocks < windows) {
     first = p.items * b / blocks;
     last = p.items * (b + 1) / blocks;
+    return;
+  }
+  if (p.own_batches < p.batches) {
+    const int64_t per_window = blocks / windows, own_blocks = per_window * windows;
+    if (b < own_blocks) {
+      const int64_t window = b / per_window, rank = b % per_window;
+      first = window * p.own_batches + p.own_batches * rank / per_window;
+      last = window * p.own_batches + p.own_batches * (rank + 1) / per_window;
+    } else {
+      const int64_t helper = b - own_blocks, helpers = blocks - own_blocks;
+      const int64_t rest = p.batches - p.own_batches, own_items = windows * p.own_batches;
+      first = own_items + rest * (windows * helper / helpers);
+      last = own_items + rest * (windows * (helper + 1) / helpers);
+    }
     return;
   }
   const int64_t window = b * windows / blocks;
@@ -507,27 +556,33 @@ __global__ void __launch_bounds__(kThreads, 1)
                                ? add_and_rms_factor<T>(p, warp_sums)
                                : 1.f;
 
-  // This block's items (window * batches + batch). Cluster sums: the cluster's share of the
-  // batches in the block's window; split sums: split_share.
-  int cluster_begin = 0, cluster_end = 0;
+  // This block's items (see "Items"). Cluster sums: the cluster's share of the batches in the
+  // block's window, its rank (one run, found without item_run's divisions); split sums:
+  // split_share.
+  ItemRun cluster_run{};
   int64_t first, last;
   if (CLUSTER_SUMS) {
-    const ClusterPlace place = cluster_place();  // the block's window is its rank
-    cluster_begin = int(int64_t(p.batches) * place.index / place.count);
-    cluster_end = int(int64_t(p.batches) * (place.index + 1) / place.count);
-    first = int64_t(place.rank) * p.batches + cluster_begin;
-    last = int64_t(place.rank) * p.batches + cluster_end;
+    const ClusterPlace place = cluster_place();
+    cluster_run.window = place.rank;
+    cluster_run.begin = int(int64_t(p.batches) * place.index / place.count);
+    cluster_run.end = int(int64_t(p.batches) * (place.index + 1) / place.count);
+    first = int64_t(place.rank) * p.batches + cluster_run.begin;
+    last = int64_t(place.rank) * p.batches + cluster_run.end;
+    cluster_run.next = last;
   } else {
     split_share(p, first, last);
   }
+  const auto run_from = [&](int64_t item) {
+    return CLUSTER_SUMS ? cluster_run : item_run(p, item, last);
+  };
   // The activations of the block's next window, read one window ahead (below).
-  float next_activation = window_activation<T>(p, int(first / p.batches), rms_factor);
+  float next_activation =
+      window_activation<T>(p, first < last ? run_from(first).window : 0, rms_factor);
 
   for (int64_t item = first; item < last;) {
-    const int window = int(item / p.batches);
-    const int begin = int(item - int64_t(window) * p.batches);
-    const int end = int(min(last, int64_t(window + 1) * p.batches) - int64_t(window) * p.batches);
-    const int64_t next_item = int64_t(window) * p.batches + end;
+    const ItemRun run = run_from(item);
+    const int window = run.window, begin = run.begin, end = run.end;
+    const int64_t next_item = run.next;
 
     // Batch `batch` of the window into slot i (nothing past the block's share): lane 0 asks the
     // copy engine for the box of 8 rows x the window's bytes.
@@ -574,14 +629,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int r = (lane >> 2) & 7, row = (batch - seg.first_batch) * kBatchRows + r;
       if ((lane & 3) == 0) {  // the lanes that hold a row's sum
         if (CLUSTER_SUMS)
-          sts(row_sum_address(region_a, (batch - cluster_begin) * kBatchRows + r), sum);
+          sts(row_sum_address(region_a, (batch - cluster_run.begin) * kBatchRows + r), sum);
         else if (row < seg.rows)
           p.partial[int64_t(window) * p.rows + seg.first_row + row] = sum;
       }
     }
     item = next_item;
   }
-  if (CLUSTER_SUMS) add_cluster_sums<T>(p, region_a, cluster_begin, cluster_end);
+  if (CLUSTER_SUMS) add_cluster_sums<T>(p, region_a, cluster_run.begin, cluster_run.end);
 }
 
 // How many clusters of `blocks` blocks of `kernel` the current device runs at once (0 if none),
@@ -599,6 +654,22 @@ int max_active_clusters(const void* kernel, int blocks) {
   C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, config.get()));
   if (known != nullptr) known->store(clusters + 1, std::memory_order_relaxed);
   return clusters;
+}
+
+// Split sums on `grid` blocks: how many of each window's batches its own blocks take
+// (split_share). Helpers pay off where the floor(G / W) own blocks of a window can take whole
+// rounds of the balanced count, ceil(items / (G kWarps)), leaving rests to the G mod W helpers, and
+// no helper takes longer than an own block: its windows' rounds plus a table build each (counted
+// as a round) against the own blocks' rounds and build.
+int own_batches(const XTableParams& p, int grid) {
+  if (grid < p.windows) return p.batches;
+  const int per_window = grid / p.windows, helpers = grid - per_window * p.windows;
+  const int64_t rounds = (p.items + int64_t(grid) * kWarps - 1) / (int64_t(grid) * kWarps);
+  const int64_t own = per_window * rounds * kWarps;
+  if (helpers == 0 || own >= p.batches) return p.batches;
+  const int64_t rest_rounds = (p.batches - own + kWarps - 1) / kWarps;
+  const int64_t helper_windows = (p.windows + helpers - 1) / helpers;
+  return helper_windows * (rest_rounds + 1) <= rounds + 1 ? int(own) : p.batches;
 }
 
 template <int DEPTH, typename T>
@@ -631,6 +702,7 @@ void launch(const XTableParams& p_in, const at::Tensor& out) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int grid = int(std::min<int64_t>(p.items, sms));
+  p.own_batches = own_batches(p, grid);
   const LaunchConfig config(dim3(grid), dim3(kThreads), kSharedBytes, stream, true);
   C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
   add_split_partials<T>(partial, out, stream, /*early=*/true);
@@ -722,6 +794,7 @@ void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::Tenso
   if (rows == 0) return;
   p.rows = int(rows);
   p.batches = int(batches);
+  p.own_batches = p.batches;  // no helpers (split sums may set fewer: launch)
   p.items = int64_t(p.windows) * p.batches;
   if (depth == 1)
     launch_type<1>(p, x, out);
