@@ -37,12 +37,13 @@
 //   run, on 120 SMs. Even so 28672x4096 takes 27 us instead of 31 (docs/KERNEL_NOTES.md, x8).
 // * Split sums, for longer K (down: 28 windows): one block per SM, and each window has some of the
 //   blocks and cuts its batches among them (split_share), so a block builds one window's tables
-//   per call (on 132 SMs 4 per window taking 5 rounds of batches each, and 20 helpers taking the
-//   windows' last 32 batches, one or two windows each); window partial sums go to a float32
-//   buffer [windows, N] that a second kernel adds in window order (split_sums.cuh). Only K past
-//   blocks x 512 weights makes a block take a contiguous range of (window, batch) items that
-//   crosses windows. With 28 windows a cluster (at most 8 blocks) would hold 4 windows per block
-//   of a few dozen batches each, and every window change waits for the block's slowest warp.
+//   per call, or two if it is a helper (on 132 SMs: 4 blocks per window taking 5 rounds of
+//   batches each, and 20 helpers taking the windows' last 32 batches, one or two windows each);
+//   window partial sums go to a float32 buffer [windows, N] that a second kernel adds in window
+//   order (split_sums.cuh). Only K past blocks x 512 weights makes every block take a contiguous
+//   range of (window, batch) items across windows. With 28 windows a cluster (at most 8 blocks)
+//   would hold 4 windows per block of a few dozen batches each, and every window change waits for
+//   the block's slowest warp.
 //
 // Weight bytes arrive by tensor copy (bulk_copy.cuh): each warp has two batch slots in shared
 // memory, and lane 0 asks the copy engine for a batch as one box (8 rows x the window's bytes;
