@@ -221,6 +221,14 @@ __device__ __forceinline__ int segment_of(const XTableParams& p, int batch) {
   return s;
 }
 
+// Where part `part` of `total` things cut into `parts` even shares starts (shares differ by at
+// most one, the larger first): one 32-bit division, where total * part / parts would take a
+// 64-bit one, a subroutine call on the GPU that sits on a block's way to its first loads.
+__device__ __forceinline__ int share_start(int total, int parts, int part) {
+  const int quotient = total / parts, remainder = total % parts;
+  return part * quotient + min(part, remainder);
+}
+
 // Items. A block takes a contiguous range of items, each one batch of one window. Split sums may
 // cut each window's batches in two (split_share): its first S = own_batches go to the window's own
 // blocks, the rest to "helper" blocks. Items number the first parts of all windows, then the rests:
@@ -259,32 +267,34 @@ __device__ __forceinline__ ItemRun item_run(const XTableParams& p, int64_t item,
 // over are helpers, each taking the rests of whole consecutive windows. Otherwise a contiguous
 // share of all items.
 __device__ __forceinline__ void split_share(const XTableParams& p, int64_t& first, int64_t& last) {
-  const int64_t blocks = gridDim.x, windows = p.windows, b = blockIdx.x;
+  const int blocks = gridDim.x, windows = p.windows, b = blockIdx.x;
   if (blocks < windows) {
     first = p.items * b / blocks;
     last = p.items * (b + 1) / blocks;
     return;
   }
+  // From here windows <= blocks <= the SMs: 32-bit arithmetic (share_start).
   if (p.own_batches < p.batches) {
-    const int64_t per_window = blocks / windows, own_blocks = per_window * windows;
+    const int per_window = blocks / windows, own_blocks = per_window * windows;
     if (b < own_blocks) {
-      const int64_t window = b / per_window, rank = b % per_window;
-      first = window * p.own_batches + p.own_batches * rank / per_window;
-      last = window * p.own_batches + p.own_batches * (rank + 1) / per_window;
+      const int window = b / per_window, rank = b % per_window;
+      const int64_t window_first = int64_t(window) * p.own_batches;
+      first = window_first + share_start(p.own_batches, per_window, rank);
+      last = window_first + share_start(p.own_batches, per_window, rank + 1);
     } else {
-      const int64_t helper = b - own_blocks, helpers = blocks - own_blocks;
-      const int64_t rest = p.batches - p.own_batches, own_items = windows * p.own_batches;
-      first = own_items + rest * (windows * helper / helpers);
-      last = own_items + rest * (windows * (helper + 1) / helpers);
+      const int helper = b - own_blocks, helpers = blocks - own_blocks;
+      const int64_t rest = p.batches - p.own_batches, own_items = int64_t(windows) * p.own_batches;
+      first = own_items + rest * share_start(windows, helpers, helper);
+      last = own_items + rest * share_start(windows, helpers, helper + 1);
     }
     return;
   }
-  const int64_t window = b * windows / blocks;
-  const int64_t window_first = (window * blocks + windows - 1) / windows;
-  const int64_t window_blocks = ((window + 1) * blocks + windows - 1) / windows - window_first;
-  const int64_t rank = b - window_first;
-  first = window * p.batches + p.batches * rank / window_blocks;
-  last = window * p.batches + p.batches * (rank + 1) / window_blocks;
+  const int window = b * windows / blocks;
+  const int window_first = (window * blocks + windows - 1) / windows;
+  const int window_blocks = ((window + 1) * blocks + windows - 1) / windows - window_first;
+  const int rank = b - window_first;
+  first = int64_t(window) * p.batches + share_start(p.batches, window_blocks, rank);
+  last = int64_t(window) * p.batches + share_start(p.batches, window_blocks, rank + 1);
 }
 
 // Thread t's entry of the codebooks in shared memory: entry t % 32 of segment t / 32's codebook,
@@ -312,8 +322,9 @@ template <typename T>
 __device__ float add_and_rms_factor(const XTableParams& p, float (&warp_sums)[kWarps]) {
   constexpr int kVector = 16 / sizeof(T);
   const int64_t vectors = p.in_features / kVector;
-  const int64_t share_first = vectors * blockIdx.x / gridDim.x;
-  const int64_t share_last = vectors * (blockIdx.x + 1) / gridDim.x;
+  // (vectors < 2^31: K < 2^33 / 7 by xtable_gemv_supports)
+  const int share_first = share_start(int(vectors), gridDim.x, blockIdx.x);
+  const int share_last = share_start(int(vectors), gridDim.x, blockIdx.x + 1);
   float sum = 0.f;
 #pragma unroll 2
   for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
@@ -500,9 +511,8 @@ __device__ void add_cluster_sums(const XTableParams& p, uint32_t region_a, int b
   cluster_sync();  // every block's row sums are in its shared memory
   const ClusterPlace place = cluster_place();
   const int rows = (end - begin) * kBatchRows, blocks = place.blocks;
-  const int last = int(int64_t(rows) * (place.rank + 1) / blocks);
-  for (int e = int(int64_t(rows) * place.rank / blocks) + threadIdx.x; e < last;
-       e += blockDim.x) {
+  const int last = share_start(rows, blocks, place.rank + 1);
+  for (int e = share_start(rows, blocks, place.rank) + threadIdx.x; e < last; e += blockDim.x) {
     const int batch = begin + e / kBatchRows;
     const Segment& seg = p.segment[segment_of(p, batch)];
     const int row = (batch - seg.first_batch) * kBatchRows + e % kBatchRows;
@@ -565,8 +575,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (CLUSTER_SUMS) {
     const ClusterPlace place = cluster_place();
     cluster_run.window = place.rank;
-    cluster_run.begin = int(int64_t(p.batches) * place.index / place.count);
-    cluster_run.end = int(int64_t(p.batches) * (place.index + 1) / place.count);
+    cluster_run.begin = share_start(p.batches, place.count, place.index);
+    cluster_run.end = share_start(p.batches, place.count, place.index + 1);
     first = int64_t(place.rank) * p.batches + cluster_run.begin;
     last = int64_t(place.rank) * p.batches + cluster_run.end;
     cluster_run.next = last;
@@ -577,8 +587,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     return CLUSTER_SUMS ? cluster_run : item_run(p, item, last);
   };
   // The activations of the block's next window, read one window ahead (below).
-  float next_activation =
-      window_activation<T>(p, first < last ? run_from(first).window : 0, rms_factor);
+  const int first_window =
+      CLUSTER_SUMS ? cluster_run.window : first < last ? item_run(p, first, last).window : 0;
+  float next_activation = window_activation<T>(p, first_window, rms_factor);
 
   for (int64_t item = first; item < last;) {
     const ItemRun run = run_from(item);
