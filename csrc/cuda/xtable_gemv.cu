@@ -177,7 +177,7 @@ struct XTableParams {
   int windows;
   int batches;        // per window, of all segments
   int own_batches;    // of each window's batches, those its own blocks take (see "Items")
-  int64_t items;      // windows * batches
+  int items;          // windows * batches (< 2^31: xtable_gemv_supports)
   int segments;
   Segment segment[kMaxSegments];
 };
@@ -237,22 +237,24 @@ __device__ __forceinline__ int share_start(int total, int parts, int part) {
 // helpers) item i is batch i % B of window i / B.
 struct ItemRun {
   int window, begin, end;  // batches [begin, end) of the window
-  int64_t next;            // the item after them
+  int next;                // the item after them
 };
 
 // The run of items from `item` (< last) that lie in one window.
-__device__ __forceinline__ ItemRun item_run(const XTableParams& p, int64_t item, int64_t last) {
-  const int64_t own_items = int64_t(p.windows) * p.own_batches;
+// 32-bit arithmetic throughout: a 64-bit division would be a subroutine call on every block's
+// way to its first loads.
+__device__ __forceinline__ ItemRun item_run(const XTableParams& p, int item, int last) {
+  const int own_items = p.windows * p.own_batches;
   const bool rest = item >= own_items;
-  const int64_t base = rest ? own_items : 0;
+  const int base = rest ? own_items : 0;
   const int per_window = rest ? p.batches - p.own_batches : p.own_batches;
   const int offset = rest ? p.own_batches : 0;
   ItemRun run;
-  run.window = int((item - base) / per_window);
-  const int64_t window_first = base + int64_t(run.window) * per_window;
+  run.window = (item - base) / per_window;
+  const int window_first = base + run.window * per_window;
   run.next = min(last, window_first + per_window);
-  run.begin = offset + int(item - window_first);
-  run.end = offset + int(run.next - window_first);
+  run.begin = offset + item - window_first;
+  run.end = offset + run.next - window_first;
   return run;
 }
 
@@ -266,24 +268,24 @@ __device__ __forceinline__ ItemRun item_run(const XTableParams& p, int64_t item,
 // floor(G / W) own blocks, taking own_batches (whole rounds) evenly, and the G mod W blocks left
 // over are helpers, each taking the rests of whole consecutive windows. Otherwise a contiguous
 // share of all items.
-__device__ __forceinline__ void split_share(const XTableParams& p, int64_t& first, int64_t& last) {
+__device__ __forceinline__ void split_share(const XTableParams& p, int& first, int& last) {
   const int blocks = gridDim.x, windows = p.windows, b = blockIdx.x;
   if (blocks < windows) {
-    first = p.items * b / blocks;
-    last = p.items * (b + 1) / blocks;
+    first = share_start(p.items, blocks, b);
+    last = share_start(p.items, blocks, b + 1);
     return;
   }
-  // From here windows <= blocks <= the SMs: 32-bit arithmetic (share_start).
+  // From here windows <= blocks <= the SMs.
   if (p.own_batches < p.batches) {
     const int per_window = blocks / windows, own_blocks = per_window * windows;
     if (b < own_blocks) {
       const int window = b / per_window, rank = b % per_window;
-      const int64_t window_first = int64_t(window) * p.own_batches;
+      const int window_first = window * p.own_batches;
       first = window_first + share_start(p.own_batches, per_window, rank);
       last = window_first + share_start(p.own_batches, per_window, rank + 1);
     } else {
       const int helper = b - own_blocks, helpers = blocks - own_blocks;
-      const int64_t rest = p.batches - p.own_batches, own_items = int64_t(windows) * p.own_batches;
+      const int rest = p.batches - p.own_batches, own_items = windows * p.own_batches;
       first = own_items + rest * share_start(windows, helpers, helper);
       last = own_items + rest * share_start(windows, helpers, helper + 1);
     }
@@ -293,8 +295,8 @@ __device__ __forceinline__ void split_share(const XTableParams& p, int64_t& firs
   const int window_first = (window * blocks + windows - 1) / windows;
   const int window_blocks = ((window + 1) * blocks + windows - 1) / windows - window_first;
   const int rank = b - window_first;
-  first = int64_t(window) * p.batches + share_start(p.batches, window_blocks, rank);
-  last = int64_t(window) * p.batches + share_start(p.batches, window_blocks, rank + 1);
+  first = window * p.batches + share_start(p.batches, window_blocks, rank);
+  last = window * p.batches + share_start(p.batches, window_blocks, rank + 1);
 }
 
 // Thread t's entry of the codebooks in shared memory: entry t % 32 of segment t / 32's codebook,
@@ -571,19 +573,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   // block's window, its rank (one run, found without item_run's divisions); split sums:
   // split_share.
   ItemRun cluster_run{};
-  int64_t first, last;
+  int first, last;
   if (CLUSTER_SUMS) {
     const ClusterPlace place = cluster_place();
     cluster_run.window = place.rank;
     cluster_run.begin = share_start(p.batches, place.count, place.index);
     cluster_run.end = share_start(p.batches, place.count, place.index + 1);
-    first = int64_t(place.rank) * p.batches + cluster_run.begin;
-    last = int64_t(place.rank) * p.batches + cluster_run.end;
+    first = place.rank * p.batches + cluster_run.begin;
+    last = place.rank * p.batches + cluster_run.end;
     cluster_run.next = last;
   } else {
     split_share(p, first, last);
   }
-  const auto run_from = [&](int64_t item) {
+  const auto run_from = [&](int item) {
     return CLUSTER_SUMS ? cluster_run : item_run(p, item, last);
   };
   // The activations of the block's next window, read one window ahead (below).
@@ -591,10 +593,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       CLUSTER_SUMS ? cluster_run.window : first < last ? item_run(p, first, last).window : 0;
   float next_activation = window_activation<T>(p, first_window, rms_factor);
 
-  for (int64_t item = first; item < last;) {
+  for (int item = first; item < last;) {
     const ItemRun run = run_from(item);
     const int window = run.window, begin = run.begin, end = run.end;
-    const int64_t next_item = run.next;
+    const int next_item = run.next;
 
     // Batch `batch` of the window into slot i (nothing past the block's share): lane 0 asks the
     // copy engine for the box of 8 rows x the window's bytes.
@@ -676,7 +678,8 @@ int max_active_clusters(const void* kernel, int blocks) {
 int own_batches(const XTableParams& p, int grid) {
   if (grid < p.windows) return p.batches;
   const int per_window = grid / p.windows, helpers = grid - per_window * p.windows;
-  const int64_t rounds = (p.items + int64_t(grid) * kWarps - 1) / (int64_t(grid) * kWarps);
+  const int64_t round_items = int64_t(grid) * kWarps;
+  const int64_t rounds = (p.items + round_items - 1) / round_items;
   const int64_t own = per_window * rounds * kWarps;
   if (helpers == 0 || own >= p.batches) return p.batches;
   const int64_t rest_rounds = (p.batches - own + kWarps - 1) / kWarps;
@@ -743,9 +746,11 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole windows, and rows on 16-byte boundaries for the bulk copies (every row is, when the
   // first is: a row of whole windows is a multiple of 32 * B bytes).
-  // Rows and batch numbers in int.
+  // Rows, batch and item numbers in int, also for a call of kMaxSegments such weights.
+  const int64_t items = groups / kWindowGroups * ((packed.size(0) + kBatchRows - 1) / kBatchRows);
   return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
-         packed.size(0) < (int64_t(1) << 30) && packed.size(1) < (int64_t(1) << 31);
+         packed.size(0) < (int64_t(1) << 30) && packed.size(1) < (int64_t(1) << 31) &&
+         items < (int64_t(1) << 31) / kMaxSegments;
 }
 
 bool xtable_input_supported(const XtableInput& input) {
@@ -807,7 +812,9 @@ void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::Tenso
   p.rows = int(rows);
   p.batches = int(batches);
   p.own_batches = p.batches;  // no helpers (split sums may set fewer: launch)
-  p.items = int64_t(p.windows) * p.batches;
+  TORCH_CHECK(int64_t(p.windows) * p.batches < (int64_t(1) << 31),
+              "tritllm: internal error: xtable_gemv takes fewer than 2^31 (window, batch) items");
+  p.items = p.windows * p.batches;
   if (depth == 1)
     launch_type<1>(p, x, out);
   else
