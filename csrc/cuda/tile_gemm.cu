@@ -131,16 +131,17 @@ constexpr size_t shared_bytes(int depth, int tile_tokens, int segments, bool wgm
 // of lut::decode_group_pairs, zeros past in_features, placed within their run of 16 groups for
 // the B operand (see the top): for mma.sync, group 4t + c at position 4c + t; for wgmma, pair i
 // of group 4t + c is 32-bit word t of half i % 2 of k-step 4c + i / 2. One thread per (token,
-// group).
+// group): block (x, y) takes groups [256 x, 256 x + 256) of token y, so that no thread divides
+// its index by the group count (a 64-bit division is a subroutine call on the GPU).
 template <typename T, bool kWgmma>
-__global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots, int tokens,
-                                  int64_t in_features, int64_t groups, bool vector_loads) {
-  const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+__global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots,
+                                  int64_t in_features, int groups, bool vector_loads) {
+  const int group = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t m = blockIdx.y;
   wait_for_previous_kernel();  // launched early: x may come from the kernel before
   let_next_kernel_start();
-  if (item >= tokens * groups) return;
-  const int64_t m = item / groups, group = item % groups;
-  const int64_t k0 = group * kGroupSize;
+  if (group >= groups) return;
+  const int64_t k0 = int64_t(group) * kGroupSize;
   const T* src = x + m * in_features + k0;
   uint32_t natural[8];
   if (vector_loads && k0 + kGroupSize <= in_features) {
@@ -159,14 +160,14 @@ __global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots
   }
   uint32_t slot[8];
   lut::slot_order(natural, slot);
-  const int64_t within = group % kRunGroups;
+  const int within = group % kRunGroups;
   if constexpr (kWgmma) {
-    const int t = int(within / 4), c = int(within % 4);
+    const int t = within / 4, c = within % 4;
     uint32_t* run = reinterpret_cast<uint32_t*>(slots + (m * groups + group - within) * kGroupSize);
 #pragma unroll
     for (int i = 0; i < 8; ++i) run[(4 * c + i / 2) * 8 + (i % 2) * 4 + t] = slot[i];
   } else {
-    const int64_t position = group - within + (within % 4) * 4 + within / 4;
+    const int position = group - within + (within % 4) * 4 + within / 4;
     uint4* dst = reinterpret_cast<uint4*>(slots + (m * groups + position) * kGroupSize);
     dst[0] = make_uint4(slot[0], slot[1], slot[2], slot[3]);
     dst[1] = make_uint4(slot[4], slot[5], slot[6], slot[7]);
@@ -608,16 +609,18 @@ void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
 
 template <typename T, bool kWgmma>
 void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t groups) {
-  const int64_t items = x.size(0) * groups;
+  TORCH_CHECK(x.size(0) <= 65535 && groups < (int64_t(1) << 31),
+              "tritllm: internal error: slot order of ", x.size(0), " tokens x ", groups,
+              " groups");
   const bool vector_loads =
       x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   auto kernel = slot_order_kernel<T, kWgmma>;
-  const LaunchConfig config(dim3(unsigned((items + 255) / 256)), dim3(256), 0,
-                            at::cuda::getCurrentCUDAStream(),
+  const LaunchConfig config(dim3(unsigned((groups + 255) / 256), unsigned(x.size(0))), dim3(256),
+                            0, at::cuda::getCurrentCUDAStream(),
                             runs_sm90_code(reinterpret_cast<const void*>(kernel)));
   C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, static_cast<const T*>(x.data_ptr()),
-                                    static_cast<T*>(slots.data_ptr()), int(x.size(0)), x.size(1),
-                                    groups, vector_loads));
+                                    static_cast<T*>(slots.data_ptr()), x.size(1), int(groups),
+                                    vector_loads));
 }
 
 // The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers allow
