@@ -45,7 +45,12 @@ namespace cuda {
 namespace {
 
 constexpr int kMaxChunks = 8;          // blocks per cluster: the portable maximum
-constexpr int kMinChunkPositions = 64;  // a full cache gives each block at least this many
+// A full cache gives each block at least this many positions. 48, not 64: with a Llama 8B layer's
+// 8 key/value heads and a 384-position cache that is 8 blocks per head instead of 6, and on an
+// H200 the qkv product plus the attention took 0.0-1.0 us less per layer at p = 128-383
+// (docs/KERNEL_NOTES.md, session 16; not profiled: more blocks spread the key and value loads
+// over more SMs, each block with fewer warps loading).
+constexpr int kMinChunkPositions = 48;
 constexpr int kMaxHeadDim = 256;       // P = 4 pairs per lane
 constexpr int kPairsPerRound = 16;     // U * P: the key (and value) pairs a lane loads per round
 constexpr double kLog2E = 1.4426950408889634;
