@@ -1,6 +1,6 @@
 // Argument checks and the composite implementations of add_rms_norm_matmul_cat and
-// silu_mul_matmul (fused_inputs.h). The CUDA kernel is the x-table kernel's prologue
-// (csrc/cuda/xtable_gemv.cu), chosen in csrc/cuda/register.cu.
+// silu_mul_matmul (fused_inputs.h). On CUDA the product kernels compute the input themselves
+// (csrc/cuda/fused_inputs.cuh), where csrc/cuda/register.cu chooses them.
 #include "fused_inputs.h"
 
 #include <ATen/ATen.h>

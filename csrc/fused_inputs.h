@@ -21,10 +21,11 @@
 //     The down projection of a gated MLP.
 //
 // The composite implementations below run the steps as ATen operations and then the product op,
-// so on any device they give the separate steps' numbers bit for bit. The CUDA kernel for one
-// token (csrc/cuda/xtable_gemv.cu) computes x in the product kernel's prologue instead: h_new and
-// silu's x bit for bit, RMSNorm's sum of squares in its own order (so x may differ from the
-// composite's by a rounding of the dtype where mean(h_new^2) does in its last bit).
+// so on any device they give the separate steps' numbers bit for bit. The CUDA product kernels
+// compute x as they read it instead (csrc/cuda/fused_inputs.cuh: the x-table kernel's prologue at
+// one token, tile_gemm's slot-order pass from two): h_new and silu's x bit for bit, RMSNorm's sum
+// of squares in their own order (so x may differ from the composite's by a rounding of the dtype
+// where mean(h_new^2) does in its last bit).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,16 +1,16 @@
 """torch.ops.tritllm.add_rms_norm_matmul_cat and silu_mul_matmul (csrc/fused_inputs.h): a decoder
 layer's element-wise steps (residual add and RMSNorm; SiLU-and-multiply) with the products that
 read their result, on the CPU (the composite: the steps as ATen operations, then the product op)
-and on CUDA (the x-table kernel computes them in its prologue at one token; the composite
-elsewhere).
+and on CUDA (the x-table kernel computes them in its prologue at one token, tile_gemm in its
+slot-order pass from two; the composite elsewhere).
 
 References:
   * h + delta, bit for bit, on every path;
   * the composite's output equals the separate steps' output bit for bit (the same operations);
-  * SiLU-and-multiply in the CUDA kernel equals the separate steps bit for bit (the same float32
+  * SiLU-and-multiply in the CUDA kernels equals the separate steps bit for bit (the same float32
     formula as torch's silu, rounded alike), so the fused output equals matmul of the separate
     steps' x bit for bit;
-  * RMSNorm in the CUDA kernel adds its squares in its own order: the output is compared with a
+  * RMSNorm in the CUDA kernels adds its squares in its own order: the output is compared with a
     float64 product of the separate steps' x and the codec's W, within RELATIVE_TOLERANCE of
     tests/test_cuda_ops.py (the norm's last-bit differences are far below it).
 CUDA outputs are allocated over NaN-poisoned memory.
@@ -27,10 +27,12 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
 EPS = 1e-5
 
-# (dtype, depth, M, K, N of each weight). On CUDA at M = 1 and depth 1-2 with whole 512-weight
-# windows the x-table kernel computes the input (cluster sums up to 8 windows, split sums past);
-# K = 4090 (whole windows of groups, K % 8 != 0) leaves RMSNorm to the composite and SiLU to the
-# kernel; depth 3 and M > 1 take the composite.
+# (dtype, depth, M, K, N of each weight). On CUDA at depth 1-2 the kernel that computes the input
+# (fused_kernel below) is the x-table kernel at M = 1 with whole windows of 32 groups (cluster sums
+# up to 8 windows, split sums past), tile_gemm at M = 2-128 in 16-bit types with whole runs of 16
+# groups (its slot-order pass: one block per token at K <= 4096, several past it).
+# K = 4090 (whole windows and runs of groups, K % 8 != 0) leaves RMSNorm to the composite and
+# SiLU to the kernel; depth 3, float32 at M > 1 and M > 128 take the composite.
 CASES = [
     (torch.float16, 2, 1, 4096, (96, 24, 24)),    # q, k, v of a small Llama: clusters of 8
     (torch.bfloat16, 2, 1, 512, (37,)),           # one window
@@ -39,8 +41,14 @@ CASES = [
     (torch.bfloat16, 2, 1, 14336, (33,)),         # 28 windows, a Llama down projection's K
     (torch.float16, 2, 1, 4090, (41,)),           # K % 8 != 0
     (torch.float16, 3, 1, 100, (9, 5)),           # depth 3: composite
-    (torch.bfloat16, 2, 3, 1024, (17, 8)),        # three tokens: composite
-    (torch.float32, 2, 2, 72, (5,)),              # K % 16 != 0
+    (torch.bfloat16, 2, 3, 1024, (17, 8)),        # tile_gemm, three tokens
+    (torch.float16, 2, 8, 4096, (300, 24, 24)),   # tile_gemm, batch 8 of a small Llama
+    (torch.bfloat16, 1, 17, 512, (41,)),          # tile_gemm at depth 1, 17 tokens
+    (torch.float16, 2, 5, 4608, (65, 130)),       # tile_gemm, two slot-order blocks per token
+    (torch.bfloat16, 2, 40, 14336, (33,)),        # tile_gemm, K of a down projection
+    (torch.float16, 2, 2, 4090, (41,)),           # tile_gemm, K % 8 != 0
+    (torch.float32, 2, 2, 72, (5,)),              # K % 16 != 0: composite
+    (torch.float16, 2, 200, 512, (70,)),          # past tile_gemm's tokens: composite
 ]
 
 
@@ -63,8 +71,14 @@ def reference(x, ws):
     return x.double().cpu().reshape(-1, x.shape[-1]) @ torch.cat([w.dense64() for w in ws]).T
 
 
-def expected_kernel(device, dtype, depth, m, k):
-    return device == "cuda" and depth <= 2 and m == 1 and k % 512 == 0
+def fused_kernel(device, dtype, depth, m, k):
+    """The CUDA kernel that computes the fused input itself in these cases, else None."""
+    if device != "cuda" or depth > 2:
+        return None
+    groups = -(-k // 16)
+    if m == 1:
+        return "xtable" if groups % 32 == 0 else None  # whole windows of 32 groups
+    return "tile" if m <= 128 and dtype != torch.float32 and groups % 16 == 0 else None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -84,10 +98,13 @@ def test_add_rms_norm_matmul_cat(device, dtype, depth, m, k, ns):
     assert torch.equal(h_new, h + delta)
     x = rms_norm(h + delta, weight)
     separate = torch.ops.tritllm.matmul_cat(x, packed, codebooks, depth, k)
-    if not expected_kernel(device, dtype, depth, m, k) or k % 8:
+    kernel = fused_kernel(device, dtype, depth, m, k)
+    if device == "cuda":
+        chosen = torch.ops.tritllm._cuda_matmul_kernel(h[:, 0], packed, depth)
+        assert (chosen if chosen in ("xtable", "tile") else None) == kernel
+    if kernel is None or k % 8:
         assert torch.equal(out, separate)  # the composite
         return
-    assert torch.ops.tritllm._cuda_matmul_kernel(h[0], packed, depth) == "xtable"
     ref = reference(x, ws)
     y = out.double().cpu().reshape(m, -1)
     assert torch.isfinite(y).all()
@@ -108,16 +125,21 @@ def test_silu_mul_matmul(device, dtype, depth, m, k, ns):
     assert out.shape == (m, 1, ns[0]) and out.dtype == dtype
     x = F.silu(gate_up[..., :k]) * gate_up[..., k:]
     assert torch.equal(out, torch.ops.tritllm.matmul(x, packed, codebook, depth, k))
+    if device == "cuda":  # the kernel of the separate product, which computed x itself
+        chosen = torch.ops.tritllm._cuda_matmul_kernel(x[:, 0], [packed], depth)
+        assert (chosen if chosen in ("xtable", "tile") else None) == fused_kernel(
+            device, dtype, depth, m, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_strided_inputs(device):
+@pytest.mark.parametrize("m", [1, 3])
+def test_strided_inputs(device, m):
     """Views that are not contiguous (a column slice of a wider tensor) give the numbers of
     their contiguous copies."""
     k = 1024
     ws = weights((40, 8), k, 2, seed=5)
     packed, codebooks = on(device, ws)
-    wide = torch.randn(1, 3 * k).half().to(device)
+    wide = torch.randn(m, 3 * k).half().to(device)
     h, delta = wide[:, :k], wide[:, k:2 * k]
     weight = torch.rand(2 * k).half().to(device)[::2]
     out, h_new = torch.ops.tritllm.add_rms_norm_matmul_cat(h, delta, weight, EPS, packed,
@@ -125,7 +147,7 @@ def test_strided_inputs(device):
     want, want_h = torch.ops.tritllm.add_rms_norm_matmul_cat(
         h.contiguous(), delta.contiguous(), weight.contiguous(), EPS, packed, codebooks, 2, k)
     assert torch.equal(out, want) and torch.equal(h_new, want_h)
-    gate_up = torch.randn(1, 4 * k).half().to(device)[:, ::2]
+    gate_up = torch.randn(m, 4 * k).half().to(device)[:, ::2]
     got = torch.ops.tritllm.silu_mul_matmul(gate_up, packed[0], codebooks[0], 2, k)
     assert torch.equal(got, torch.ops.tritllm.silu_mul_matmul(gate_up.contiguous(), packed[0],
                                                                codebooks[0], 2, k))
@@ -147,13 +169,14 @@ def test_tensors_on_other_devices_are_named():
 
 
 @cuda_only
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("m", [1, 4])
+def test_cuda_graph_replay_equals_eager(m):
     k = 4096
     ws = weights((300, 64), k, 2, seed=9)
     packed, codebooks = on("cuda", ws)
-    h, delta = torch.randn(2, 1, k).half().cuda().unbind(0)
+    h, delta = torch.randn(2, m, k).half().cuda().unbind(0)
     weight = torch.rand(k).half().cuda()
-    gate_up = torch.randn(1, 2 * k).half().cuda()
+    gate_up = torch.randn(m, 2 * k).half().cuda()
 
     def step():
         out, h_new = torch.ops.tritllm.add_rms_norm_matmul_cat(h, delta, weight, EPS, packed,

@@ -216,27 +216,30 @@ def test_cuda_graph_decode_matches_eager(compile):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
 def test_fused_inputs_wiring_gives_the_same_tokens(model_type):
-    """The decode step with the element-wise steps inside the products (fuses_inputs: on CUDA at
-    batch 1 where the x-table kernel runs every product), forced on the CPU, where the fused ops
-    run their composite: the same numbers as the separate steps, so transformers' tokens."""
+    """The decode step with the element-wise steps inside the products (fuses_inputs: on CUDA
+    where the x-table kernel or tile_gemm runs every product), forced on the CPU, where the fused
+    ops run their composite: the same numbers as the separate steps, so transformers' tokens."""
     model = quantize_model(tiny_model(model_type), depth=2, progress=False)
     ids = prompt(batch=1, length=5)
     gen = Generator(model, 1, 64)
-    assert not gen.forward.fuses_inputs  # a CPU model keeps the separate steps
-    gen.forward.fuses_inputs = True
+    assert not gen.forward.fuses_inputs(1)  # a CPU model keeps the separate steps
+    gen.forward.fuses_inputs = lambda batch_size: True
     assert torch.equal(gen.generate(ids, 16), hf_greedy(model, ids, 16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_batch_one_fused_projections_match_transformers(compile):
-    """At batch 1 on CUDA, q/k/v and gate/up run as one x-table launch each (whole 512-weight
-    windows: hidden 512), with the residual adds, norms and SiLU-and-multiply computed inside the
-    products; greedy tokens still equal transformers' own generate."""
-    model = quantize_model(tiny_model(hidden_size=512, intermediate_size=1024).cuda(), depth=2,
-                           progress=False)
-    ids = prompt(batch=1, length=5)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_fused_projections_match_transformers(batch, compile):
+    """On CUDA, q/k/v and gate/up run as one launch each (the x-table kernel at batch 1 in
+    float32: whole 512-weight windows, hidden 512; tile_gemm, which takes 16-bit types, at batch 3
+    in float16), with the residual adds, norms and SiLU-and-multiply computed inside the products;
+    greedy tokens still equal transformers' own generate."""
+    dtype = torch.float32 if batch == 1 else torch.float16
+    model = quantize_model(tiny_model(hidden_size=512, intermediate_size=1024).to("cuda", dtype),
+                           depth=2, progress=False)
+    ids = prompt(batch=batch, length=5)
     want = hf_greedy(model, ids, 16)
-    gen = Generator(model, 1, 64, compile=compile)
-    assert gen.forward.fuses_inputs
+    gen = Generator(model, batch, 64, compile=compile)
+    assert gen.forward.fuses_inputs(batch)
     assert torch.equal(gen.generate(ids.cuda(), 16).cpu(), want)

@@ -9,13 +9,14 @@ alike) with:
 * rotary cos/sin tables computed once, with the model's own rotary module, for every position;
 * in a decode step, projections that read the same input computed together when they are packed
   trit layers of one depth and width: q, k and v in one `torch.ops.tritllm.matmul_cat`, gate and
-  up in another (on CUDA at batch 1 one kernel launch each instead of three and two; the gain is
-  in docs/PERF.md). A prefill runs them one by one: its products are compute-bound, and fused
+  up in another (on CUDA one kernel launch each instead of three and two; the gain is in
+  docs/PERF.md). A prefill runs them one by one: its products are compute-bound, and fused
   they measured 1% slower. Dense layers always run one by one;
 * in a decode step, the rotation of q and k, the cache write and the attention over the cache as
   one op, `torch.ops.tritllm.decode_attention` (on CUDA one kernel instead of about six);
-* on CUDA at batch 1, where every layer's products run on the x-table kernel, the element-wise
-  steps between them computed inside the products: the residual add and RMSNorm before q, k, v
+* on CUDA, where every layer's products run on a kernel that computes its own input (the x-table
+  kernel at batch 1, tile_gemm from batch 2), the element-wise steps between them computed inside
+  the products: the residual add and RMSNorm before q, k, v
   and before gate, up (`torch.ops.tritllm.add_rms_norm_matmul_cat`), SiLU(gate) * up before down
   (`silu_mul_matmul`), so a layer is four product kernels and the attention;
 * on CUDA, one decode step (model forward, token choice, cache and position update) captured as
@@ -33,7 +34,7 @@ The math follows transformers' eager implementation (RMSNorm, the activation and
 are the model's own modules or their operations step by step; a fused product gives the separate
 ones' numbers, bit for bit on the CPU and at decode batch sizes on CUDA; the decode attention
 computes in float32 where transformers rounds its scores and weights to the model's dtype; the
-RMSNorm inside a fused CUDA product at batch 1 adds its squares in its own order), so greedy
+RMSNorm inside a fused CUDA product adds its squares in its own order), so greedy
 tokens agree with `model.generate(do_sample=False)` (tests/test_generate.py).
 """
 from __future__ import annotations
@@ -248,17 +249,24 @@ class LlamaFamilyForward:
         self._first_qkv = compiled(self._decode_qkv)
         self._between = compiled(self._decode_between)
         self._last = compiled(self._decode_last)
-        # Batch 1 with the element-wise steps inside the products, where they can be.
-        self.fuses_inputs = self._can_fuse_inputs()
+        # The element-wise steps inside the products, at the batch sizes where they can be.
+        self._fuses_inputs_at: dict[int, bool] = {}
         self._between_fused = compiled(self._decode_between_fused)
         self._last_fused = compiled(self._decode_last_fused)
 
-    def _can_fuse_inputs(self) -> bool:
-        """True if a decode step at batch 1 can compute the residual adds, the norms and
-        SiLU-and-multiply inside the products: a CUDA model whose layers have these
-        architectures' RMSNorms, a SiLU gated MLP without biases on gate and up, and trit
-        products that the x-table kernel runs at one token (elsewhere the fused ops would run
-        their steps one by one, slower than the compiled code they replace)."""
+    def fuses_inputs(self, batch_size: int) -> bool:
+        """True if a decode step of `batch_size` sequences computes the residual adds, the norms
+        and SiLU-and-multiply inside the products (decided once per batch size)."""
+        if batch_size not in self._fuses_inputs_at:
+            self._fuses_inputs_at[batch_size] = self._can_fuse_inputs(batch_size)
+        return self._fuses_inputs_at[batch_size]
+
+    def _can_fuse_inputs(self, batch_size: int) -> bool:
+        """True for a CUDA model whose layers have these architectures' RMSNorms, a SiLU gated MLP
+        without biases on gate and up, and trit products that a kernel computing its own input
+        runs at this batch size: the x-table kernel at one token, tile_gemm from two (elsewhere
+        the fused ops would run their steps one by one, slower than the compiled code they
+        replace)."""
         if self.device.type != "cuda" or self.config.hidden_act not in ("silu", "swish"):
             return False
         for layer in self.layers:
@@ -271,10 +279,11 @@ class LlamaFamilyForward:
                     and mlp.gate_proj.out_features == mlp.down_proj.in_features):
                 return False
             for linears in (qkv, gate_up, [mlp.down_proj]):
-                x = torch.empty(1, linears[0].in_features, dtype=self.dtype, device=self.device)
+                x = torch.empty(batch_size, linears[0].in_features, dtype=self.dtype,
+                                device=self.device)
                 kernel = torch.ops.tritllm._cuda_matmul_kernel(
                     x, [m.trit_packed for m in linears], linears[0].depth)
-                if kernel != "xtable":
+                if kernel not in ("xtable", "tile"):
                     return False
         return True
 
@@ -343,9 +352,9 @@ class LlamaFamilyForward:
         """The last layer after its attention, then the final norm."""
         return self.norm(self._decode_after_attention(layer, h, attended))
 
-    # The same three steps at batch 1 with fused inputs (`fuses_inputs`). The residual stream
-    # travels as h and the delta not yet added to it: each product that norms the stream adds
-    # the delta first and returns the sum.
+    # The same three steps with fused inputs (`fuses_inputs`). The residual stream travels as h
+    # and the delta not yet added to it: each product that norms the stream adds the delta first
+    # and returns the sum.
 
     @staticmethod
     def _fused_after_attention(layer, h: torch.Tensor, attended: torch.Tensor):
@@ -379,7 +388,7 @@ class LlamaFamilyForward:
         one kernel); the code between two of them is one function, which torch.compile may fuse
         (compiled graphs stop at the op, which writes the cache: outside them no
         functionalization can turn that write into a copy of the cache)."""
-        fused = self.fuses_inputs and tokens.shape[0] == 1
+        fused = self.fuses_inputs(tokens.shape[0])
         between = self._between_fused if fused else self._between
         h = self.embed(tokens)
         q, k, v = self._first_qkv(self.layers[0], h)

@@ -119,11 +119,9 @@ void each_weight(const at::Tensor& x, at::TensorList packed, at::TensorList code
 void run(Kernel kernel, const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
          int64_t depth, const at::Tensor& out) {
   switch (kernel) {
-    case Kernel::kXtable: {
-      XtableInput input;
-      input.x = x;
-      return xtable_gemv_into(input, packed, codebooks, depth, x.size(1), out);
-    }
+    case Kernel::kXtable:
+      return xtable_gemv_into(ProductInput{ProductInput::Kind::kPlain, x}, packed, codebooks,
+                              depth, x.size(1), out);
     case Kernel::kLut:
       return each_weight(x, packed, codebooks, out,
                          [&](const at::Tensor& x1, const at::Tensor& p, const at::Tensor& c,
@@ -134,10 +132,11 @@ void run(Kernel kernel, const at::Tensor& x, at::TensorList packed, at::TensorLi
                                            });
                          });
     case Kernel::kTile:
-      return tile_gemm_into(x, packed, codebooks, depth, tile_gemm_has_wgmma(x.device().index()),
-                            out);
     case Kernel::kTileSync:
-      return tile_gemm_into(x, packed, codebooks, depth, /*wgmma=*/false, out);
+      return tile_gemm_into(ProductInput{ProductInput::Kind::kPlain, x}, packed, codebooks, depth,
+                            x.size(1),
+                            kernel == Kernel::kTile && tile_gemm_has_wgmma(x.device().index()),
+                            out);
     case Kernel::kGeneric:
       return each_weight(x, packed, codebooks, out,
                          [&](const at::Tensor& x1, const at::Tensor& p, const at::Tensor& c,
@@ -159,6 +158,13 @@ int64_t check_product(const at::Tensor& x, at::TensorList packed, at::TensorList
   return rows;
 }
 
+// `sizes` with the last one replaced by `last`: the output shape [..., N] of an input [..., K].
+std::vector<int64_t> with_last_size(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  shape.back() = last;
+  return shape;
+}
+
 // x [..., K] @ [W_1; W_2; ...].T -> [..., N_1 + N_2 + ...] by `kernel`, or by the heuristic's
 // choice when it is empty. One weight for matmul, several sharing x for matmul_cat.
 at::Tensor product(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
@@ -167,8 +173,7 @@ at::Tensor product(const at::Tensor& x, at::TensorList packed, at::TensorList co
   c10::cuda::CUDAGuard guard(x.device());
 
   const at::Tensor x2 = x.reshape({-1, in_features}).contiguous();
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = rows;
+  const std::vector<int64_t> out_shape = with_last_size(x.sizes(), rows);
   at::Tensor out = at::empty({x2.size(0), rows}, x.options());
   if (x2.size(0) == 0 || rows == 0) return out.view(out_shape);
   TORCH_CHECK(!kernel || can_run(*kernel, x2, packed, depth),
@@ -188,21 +193,30 @@ at::Tensor matmul_cat_cuda(const at::Tensor& x, at::TensorList packed, at::Tenso
   return product(x, packed, codebook, depth, in_features, std::nullopt);
 }
 
-// add_rms_norm_matmul_cat and silu_mul_matmul (csrc/fused_inputs.h): the x-table kernel computes
-// its input itself at one token; every other call runs the composite (the element-wise steps as
-// ATen operations, then the product op, which picks its kernel as usual).
+// add_rms_norm_matmul_cat and silu_mul_matmul (csrc/fused_inputs.h): where the heuristic picks a
+// kernel that computes its input itself (the x-table kernel at one token, tile_gemm from two),
+// that kernel runs the call; every other call runs the composite (the element-wise steps as ATen
+// operations, then the product op, which picks its kernel as usual).
 
-// Whether the x-table kernel takes a fused call whose activations have x2's rows ([M, K] or, for
-// silu_mul, [M, 2K]: the choice reads the rows only).
-bool xtable_takes(const at::Tensor& x2, at::TensorList packed, int64_t rows, int64_t depth) {
-  return x2.size(0) == 1 && rows > 0 && can_run(Kernel::kXtable, x2, packed, depth);
+// The kernel for a fused call whose activations would be x_rows [M, K] (only its sizes, dtype
+// and device are read: for silu_mul, a view of gate_up's first K columns), if it is one that
+// computes the input itself.
+std::optional<Kernel> fused_kernel(const at::Tensor& x_rows, at::TensorList packed, int64_t rows,
+                                   int64_t depth) {
+  if (x_rows.size(0) == 0 || rows == 0) return std::nullopt;
+  const Kernel kernel = choose(x_rows, packed, rows, depth);
+  if (kernel == Kernel::kXtable || kernel == Kernel::kTile) return kernel;
+  return std::nullopt;
 }
 
-// The fused call's output [..., N] for an input [..., K'] of shape x_shape.
-at::Tensor fused_output(at::IntArrayRef x_shape, int64_t rows, const at::TensorOptions& options) {
-  std::vector<int64_t> out_shape(x_shape.begin(), x_shape.end());
-  out_shape.back() = rows;
-  return at::empty(out_shape, options);
+void run_fused(Kernel kernel, const ProductInput& input, at::TensorList packed,
+               at::TensorList codebooks, int64_t depth, int64_t in_features,
+               const at::Tensor& out) {
+  if (kernel == Kernel::kXtable)
+    xtable_gemv_into(input, packed, codebooks, depth, in_features, out);
+  else
+    tile_gemm_into(input, packed, codebooks, depth, in_features,
+                   tile_gemm_has_wgmma(input.x.device().index()), out);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_cuda(
@@ -214,19 +228,20 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_matmul_cat_cuda(
                 "] is on ", packed[i].device(), " but h is on ", h.device());
   const int64_t rows = check_product(h, packed, codebooks, depth, in_features);
   c10::cuda::CUDAGuard guard(h.device());
-  XtableInput input;
-  input.kind = XtableInput::Kind::kAddRmsNorm;
+  ProductInput input;
+  input.kind = ProductInput::Kind::kAddRmsNorm;
   input.x = h.reshape({-1, in_features}).contiguous();
   input.delta = delta.reshape({-1, in_features}).contiguous();
   input.norm_weight = norm_weight.contiguous();
   input.eps = eps;
-  if (!xtable_takes(input.x, packed, rows, depth) || !xtable_input_supported(input))
+  const std::optional<Kernel> kernel = fused_kernel(input.x, packed, rows, depth);
+  if (!kernel || !product_input_supported(input))
     return add_rms_norm_matmul_cat_composite(h, delta, norm_weight, eps, packed, codebooks, depth,
                                              in_features);
-  const at::Tensor out = fused_output(h.sizes(), rows, h.options());
+  const at::Tensor out = at::empty({input.x.size(0), rows}, h.options());
   input.h_out = at::empty(h.sizes(), h.options());
-  xtable_gemv_into(input, packed, codebooks, depth, in_features, out.view({1, rows}));
-  return {out, input.h_out};
+  run_fused(*kernel, input, packed, codebooks, depth, in_features, out);
+  return {out.view(with_last_size(h.sizes(), rows)), input.h_out};
 }
 
 at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& packed,
@@ -236,15 +251,16 @@ at::Tensor silu_mul_matmul_cuda(const at::Tensor& gate_up, const at::Tensor& pac
   TORCH_CHECK(gate_up.device() == packed.device(), "tritllm: silu_mul_matmul: gate_up is on ",
               gate_up.device(), " but the weight is on ", packed.device());
   c10::cuda::CUDAGuard guard(gate_up.device());
-  XtableInput input;
-  input.kind = XtableInput::Kind::kSiluMul;
+  ProductInput input;
+  input.kind = ProductInput::Kind::kSiluMul;
   input.x = gate_up.reshape({-1, 2 * in_features}).contiguous();
   const int64_t rows = packed.size(0);
-  if (!xtable_takes(input.x, packed, rows, depth))
-    return silu_mul_matmul_composite(gate_up, packed, codebook, depth, in_features);
-  const at::Tensor out = fused_output(gate_up.sizes(), rows, gate_up.options());
-  xtable_gemv_into(input, packed, codebook, depth, in_features, out.view({1, rows}));
-  return out;
+  const std::optional<Kernel> kernel =
+      fused_kernel(input.x.narrow(1, 0, in_features), packed, rows, depth);
+  if (!kernel) return silu_mul_matmul_composite(gate_up, packed, codebook, depth, in_features);
+  const at::Tensor out = at::empty({input.x.size(0), rows}, gate_up.options());
+  run_fused(*kernel, input, packed, codebook, depth, in_features, out);
+  return out.view(with_last_size(gate_up.sizes(), rows));
 }
 
 // The kernels by the names the tests and benchmarks use.

@@ -56,6 +56,10 @@
 // multiplies), and a tile re-decodes its weights for every 64 tokens, so from about M = 192 on,
 // unpack + cuBLAS is about as fast or faster.
 //
+// The slot-order pass can compute x itself (fused inputs, SlotOrderParams below): a decode step's
+// residual add and RMSNorm before q, k, v and gate, up, or SiLU(gate) * up before down, then cost
+// no kernel of their own (add_rms_norm_matmul_cat and silu_mul_matmul, csrc/fused_inputs.h).
+//
 // Several weights that share x (matmul_cat: q, k and v; gate and up) share one slot-order pass and
 // one launch, up to kMaxSegments weights per launch. Each weight is a "segment" with its own bytes
 // and scale table; the row tiles are numbered across the segments (a segment's last tile may be
@@ -77,6 +81,7 @@
 #include "bulk_copy.cuh"
 #include "cp_async.cuh"
 #include "dependent_launch.cuh"
+#include "fused_inputs.cuh"
 #include "launchers.h"
 #include "lut_decode.cuh"
 #include "split_sums.cuh"
@@ -127,48 +132,109 @@ constexpr size_t shared_bytes(int depth, int tile_tokens, int segments, bool wgm
          (wgmma ? kSwizzleAtom : 0);
 }
 
-// x [tokens, in_features] -> slots [tokens, groups * 16]: each group's 16 values in the pair order
-// of lut::decode_group_pairs, zeros past in_features, placed within their run of 16 groups for
-// the B operand (see the top): for mma.sync, group 4t + c at position 4c + t; for wgmma, pair i
-// of group 4t + c is 32-bit word t of half i % 2 of k-step 4c + i / 2. One thread per (token,
-// group): block (x, y) takes groups [256 x, 256 x + 256) of token y, so that no thread divides
-// its index by the group count (a 64-bit division is a subroutine call on the GPU).
-template <typename T, bool kWgmma>
-__global__ void slot_order_kernel(const T* __restrict__ x, T* __restrict__ slots,
-                                  int64_t in_features, int groups, bool vector_loads) {
-  const int group = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t m = blockIdx.y;
-  wait_for_previous_kernel();  // launched early: x may come from the kernel before
-  let_next_kernel_start();
-  if (group >= groups) return;
-  const int64_t k0 = int64_t(group) * kGroupSize;
-  const T* src = x + m * in_features + k0;
-  uint32_t natural[8];
-  if (vector_loads && k0 + kGroupSize <= in_features) {
-    const uint4 a = reinterpret_cast<const uint4*>(src)[0];
-    const uint4 b = reinterpret_cast<const uint4*>(src)[1];
-    natural[0] = a.x, natural[1] = a.y, natural[2] = a.z, natural[3] = a.w;
-    natural[4] = b.x, natural[5] = b.y, natural[6] = b.z, natural[7] = b.w;
+// The slot-order pass's input (ProductInput in launchers.h): x itself, or computed from other
+// tensors as the pass reads them (the fused inputs, fused_inputs.cuh), so that a decode step's
+// residual add and RMSNorm, or SiLU-and-multiply, cost no kernel of their own.
+struct SlotOrderParams {
+  ProductInput::Kind kind;
+  const void* x;            // [tokens, K]; h for kAddRmsNorm; gate_up [tokens, 2K] for kSiluMul
+  const void* delta;        // kAddRmsNorm: [tokens, K]
+  const void* norm_weight;  // kAddRmsNorm: [K]
+  void* h_out;              // kAddRmsNorm: h + delta [tokens, K], written
+  float eps;                // kAddRmsNorm
+  void* slots;              // [tokens, groups * 16]
+  int64_t in_features;
+  int groups;
+  bool vector_loads;  // every tensor read is 16-byte aligned, and so is each row (K % 8 == 0)
+};
+constexpr int kSlotOrderThreads = 256;
+
+// The 16 values of the group at k0 of a row as float: two 16-byte loads where `vector` and the
+// group is whole, else one by one, zeros past in_features.
+template <typename T>
+__device__ __forceinline__ void load_group(const T* __restrict__ row, int64_t k0,
+                                           int64_t in_features, bool vector, float (&v)[16]) {
+  if (vector && k0 + kGroupSize <= in_features) {
+    uint4 raw[2];
+    raw[0] = reinterpret_cast<const uint4*>(row + k0)[0];
+    raw[1] = reinterpret_cast<const uint4*>(row + k0)[1];
+    const T* values = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = to_float(values[i]);
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int64_t k = k0 + 2 * i;
-      const float lo = k < in_features ? to_float(src[2 * i]) : 0.f;
-      const float hi = k + 1 < in_features ? to_float(src[2 * i + 1]) : 0.f;
-      natural[i] = pack2<T>(lo, hi);
-    }
+    for (int i = 0; i < 16; ++i) v[i] = k0 + i < in_features ? to_float(row[k0 + i]) : 0.f;
   }
+}
+
+// input [tokens, in_features] -> slots [tokens, groups * 16]: each group's 16 activations in the
+// pair order of lut::decode_group_pairs, zeros past in_features, placed within their run of 16
+// groups for the B operand (see the top): for mma.sync, group 4t + c at position 4c + t; for
+// wgmma, pair i of group 4t + c is 32-bit word t of half i % 2 of k-step 4c + i / 2. One thread
+// per (token, group): block (x, y) takes groups [256 x, 256 x + 256) of token y, so that no
+// thread divides its index by the group count (a 64-bit division is a subroutine call on the
+// GPU). kAddRmsNorm: every block of a token first computes the token's RMSNorm factor over its
+// whole row (the same in each: add_and_rms_factor) and writes h + delta for its own groups; at
+// K = 4096 a token is one block.
+template <typename T, bool kWgmma>
+__global__ void __launch_bounds__(kSlotOrderThreads)
+    slot_order_kernel(const __grid_constant__ SlotOrderParams p) {
+  constexpr int kWarps = kSlotOrderThreads / 32;
+  constexpr int kGroupVectors = kGroupSize * sizeof(T) / 16;  // 16-byte vectors of a group
+  __shared__ float warp_sums[kWarps];
+  const int group = blockIdx.x * kSlotOrderThreads + threadIdx.x;
+  const int64_t m = blockIdx.y;
+  const int64_t k0 = int64_t(group) * kGroupSize;
+  wait_for_previous_kernel();  // launched early: the input may come from the kernel before
+  let_next_kernel_start();
+  float x[16];
+  if (p.kind == ProductInput::Kind::kAddRmsNorm) {
+    const int64_t row = m * p.in_features;
+    const T* h = static_cast<const T*>(p.x) + row;
+    const T* delta = static_cast<const T*>(p.delta) + row;
+    // (vectors < 2^31: groups < 2^31 by put_in_slot_order)
+    const int vectors = int(p.in_features / (16 / sizeof(T)));
+    const int share = blockIdx.x * kSlotOrderThreads * kGroupVectors;
+    const float rms_factor = add_and_rms_factor<T, kWarps>(
+        h, delta, static_cast<T*>(p.h_out) + row, p.in_features, p.eps, share,
+        min(share + kSlotOrderThreads * kGroupVectors, vectors), warp_sums);
+    if (group >= p.groups) return;
+    float a[16], b[16], weight[16];
+    load_group(h, k0, p.in_features, p.vector_loads, a);
+    load_group(delta, k0, p.in_features, p.vector_loads, b);
+    load_group(static_cast<const T*>(p.norm_weight), k0, p.in_features, p.vector_loads, weight);
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      x[i] = rms_normed<T>(rounded<T>(a[i] + b[i]), weight[i], rms_factor);
+  } else if (p.kind == ProductInput::Kind::kSiluMul) {
+    if (group >= p.groups) return;
+    const T* gate = static_cast<const T*>(p.x) + m * 2 * p.in_features;
+    float up[16];
+    load_group(gate, k0, p.in_features, p.vector_loads, x);
+    load_group(gate + p.in_features, k0, p.in_features, p.vector_loads, up);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) x[i] = silu_mul<T>(x[i], up[i]);
+  } else {
+    if (group >= p.groups) return;
+    load_group(static_cast<const T*>(p.x) + m * p.in_features, k0, p.in_features, p.vector_loads,
+               x);
+  }
+  uint32_t natural[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) natural[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
   uint32_t slot[8];
   lut::slot_order(natural, slot);
   const int within = group % kRunGroups;
+  T* slots = static_cast<T*>(p.slots);
   if constexpr (kWgmma) {
     const int t = within / 4, c = within % 4;
-    uint32_t* run = reinterpret_cast<uint32_t*>(slots + (m * groups + group - within) * kGroupSize);
+    uint32_t* run =
+        reinterpret_cast<uint32_t*>(slots + (m * p.groups + group - within) * kGroupSize);
 #pragma unroll
     for (int i = 0; i < 8; ++i) run[(4 * c + i / 2) * 8 + (i % 2) * 4 + t] = slot[i];
   } else {
     const int position = group - within + (within % 4) * 4 + within / 4;
-    uint4* dst = reinterpret_cast<uint4*>(slots + (m * groups + position) * kGroupSize);
+    uint4* dst = reinterpret_cast<uint4*>(slots + (m * p.groups + position) * kGroupSize);
     dst[0] = make_uint4(slot[0], slot[1], slot[2], slot[3]);
     dst[1] = make_uint4(slot[4], slot[5], slot[6], slot[7]);
   }
@@ -608,19 +674,34 @@ void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
 }
 
 template <typename T, bool kWgmma>
-void put_in_slot_order(const at::Tensor& x, const at::Tensor& slots, int64_t groups) {
-  TORCH_CHECK(x.size(0) <= 65535 && groups < (int64_t(1) << 31),
-              "tritllm: internal error: slot order of ", x.size(0), " tokens x ", groups,
-              " groups");
-  const bool vector_loads =
-      x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+void put_in_slot_order(const ProductInput& input, int64_t in_features, const at::Tensor& slots,
+                       int64_t groups) {
+  const int64_t tokens = input.x.size(0);
+  TORCH_CHECK(tokens <= 65535 && groups < (int64_t(1) << 31),
+              "tritllm: internal error: slot order of ", tokens, " tokens x ", groups, " groups");
+  SlotOrderParams p{};
+  p.kind = input.kind;
+  p.x = input.x.data_ptr();
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  p.vector_loads = in_features % 8 == 0 && aligned(input.x);
+  if (input.kind == ProductInput::Kind::kAddRmsNorm) {
+    p.delta = input.delta.data_ptr();
+    p.norm_weight = input.norm_weight.data_ptr();
+    p.h_out = input.h_out.data_ptr();
+    p.eps = float(input.eps);
+    p.vector_loads = p.vector_loads && aligned(input.delta) && aligned(input.norm_weight);
+  }
+  p.slots = slots.data_ptr();
+  p.in_features = in_features;
+  p.groups = int(groups);
   auto kernel = slot_order_kernel<T, kWgmma>;
-  const LaunchConfig config(dim3(unsigned((groups + 255) / 256), unsigned(x.size(0))), dim3(256),
-                            0, at::cuda::getCurrentCUDAStream(),
-                            runs_sm90_code(reinterpret_cast<const void*>(kernel)));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, static_cast<const T*>(x.data_ptr()),
-                                    static_cast<T*>(slots.data_ptr()), x.size(1), int(groups),
-                                    vector_loads));
+  const LaunchConfig config(
+      dim3(unsigned((groups + kSlotOrderThreads - 1) / kSlotOrderThreads), unsigned(tokens)),
+      dim3(kSlotOrderThreads), 0, at::cuda::getCurrentCUDAStream(),
+      runs_sm90_code(reinterpret_cast<const void*>(kernel)));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
 }
 
 // The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers allow
@@ -639,14 +720,15 @@ void launch_for_tokens(const TileParams& p, const at::Tensor& slots, const at::T
     launch<DEPTH, T, 8, 2, kWgmma>(p, slots, out);
 }
 
-// x in slot order once, then one launch per kMaxSegments weights, each weight into its own
-// columns of out.
+// The input in slot order once, then one launch per kMaxSegments weights, each weight into its
+// own columns of out.
 template <int DEPTH, typename T, bool kWgmma>
-void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-         const at::Tensor& out) {
+void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
+         at::TensorList codebooks, const at::Tensor& out) {
+  const int64_t tokens = input.x.size(0);
   const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
-  at::Tensor slots = at::empty({x.size(0), groups * kGroupSize}, x.options());
-  put_in_slot_order<T, kWgmma>(x, slots, groups);
+  at::Tensor slots = at::empty({tokens, groups * kGroupSize}, input.x.options());
+  put_in_slot_order<T, kWgmma>(input, in_features, slots, groups);
   int64_t first_column = 0;  // of this launch's weights in out
   for (size_t first = 0; first < packed.size(); first += kMaxSegments) {
     TileParams p{};
@@ -672,19 +754,19 @@ void run(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
     p.x_slots = slots.data_ptr();
     p.out = part.data_ptr();
     p.out_stride = out.stride(0);
-    p.tokens = int(x.size(0));
+    p.tokens = int(tokens);
     p.runs = int(groups / kRunGroups);
     launch_for_tokens<DEPTH, T, kWgmma>(p, slots, part);
   }
 }
 
 template <int DEPTH, typename T>
-void run_with(bool wgmma, const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-              const at::Tensor& out) {
+void run_with(bool wgmma, const ProductInput& input, int64_t in_features, at::TensorList packed,
+              at::TensorList codebooks, const at::Tensor& out) {
   if (wgmma)
-    run<DEPTH, T, true>(x, packed, codebooks, out);
+    run<DEPTH, T, true>(input, in_features, packed, codebooks, out);
   else
-    run<DEPTH, T, false>(x, packed, codebooks, out);
+    run<DEPTH, T, false>(input, in_features, packed, codebooks, out);
 }
 
 }  // namespace
@@ -716,24 +798,32 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
          packed.size(1) * kTileRows < (int64_t(1) << 31);
 }
 
-void tile_gemm_into(const at::Tensor& x, at::TensorList packed, at::TensorList codebooks,
-                    int64_t depth, bool wgmma, const at::Tensor& out) {
+void tile_gemm_into(const ProductInput& input, at::TensorList packed, at::TensorList codebooks,
+                    int64_t depth, int64_t in_features, bool wgmma, const at::Tensor& out) {
+  const at::Tensor& x = input.x;
+  const int64_t x_width =
+      input.kind == ProductInput::Kind::kSiluMul ? 2 * in_features : in_features;
   int64_t rows = 0;
   for (const at::Tensor& w : packed) rows += w.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() &&
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == x_width && x.is_contiguous() && out.is_contiguous() &&
                   out.size(0) == x.size(0) && out.size(1) == rows && !packed.empty() &&
                   codebooks.size() == packed.size(),
-              "tritllm: internal error: tile_gemm needs contiguous x [M, K], out [M, N]");
+              "tritllm: internal error: tile_gemm needs a contiguous input [M, K], out [M, N]");
+  TORCH_CHECK(product_input_supported(input),
+              "tritllm: internal error: tile_gemm cannot read this input");
   TORCH_CHECK(!wgmma || tile_gemm_has_wgmma(x.device().index()),
               "tritllm: internal error: tile_gemm's wgmma products need an sm_90a build on Hopper");
-  if (x.size(0) == 0 || rows == 0) return;
+  if (x.size(0) == 0) return;
+  TORCH_CHECK(rows > 0 || input.kind != ProductInput::Kind::kAddRmsNorm,
+              "tritllm: internal error: tile_gemm computes h + delta only with a product");
+  if (rows == 0) return;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (depth == 1)
-    bf16 ? run_with<1, __nv_bfloat16>(wgmma, x, packed, codebooks, out)
-         : run_with<1, __half>(wgmma, x, packed, codebooks, out);
+    bf16 ? run_with<1, __nv_bfloat16>(wgmma, input, in_features, packed, codebooks, out)
+         : run_with<1, __half>(wgmma, input, in_features, packed, codebooks, out);
   else
-    bf16 ? run_with<2, __nv_bfloat16>(wgmma, x, packed, codebooks, out)
-         : run_with<2, __half>(wgmma, x, packed, codebooks, out);
+    bf16 ? run_with<2, __nv_bfloat16>(wgmma, input, in_features, packed, codebooks, out)
+         : run_with<2, __half>(wgmma, input, in_features, packed, codebooks, out);
 }
 
 }  // namespace cuda

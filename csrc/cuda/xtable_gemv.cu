@@ -75,11 +75,12 @@
 // the tables are those of one matrix of N_1 + N_2 + ... rows: one launch and one table build per
 // block instead of one of each per matrix.
 //
-// Fused inputs (XtableInput in launchers.h; the math in csrc/fused_inputs.h). In a decode step
-// the products' inputs come from small element-wise steps: the residual add and RMSNorm before
-// q, k, v and before gate, up; SiLU(gate) * up before down. Each would be a kernel of its own,
-// a launch and a round trip through memory on the step's critical path, so the kernel can compute
-// its activations itself where it reads them (window_activation): silu(gate) * up needs only
+// Fused inputs (ProductInput in launchers.h; the math in csrc/fused_inputs.h, its device code in
+// fused_inputs.cuh). In a decode step the products' inputs come from small element-wise steps:
+// the residual add and RMSNorm before q, k, v and before gate, up; SiLU(gate) * up before down.
+// Each would be a kernel of its own, a launch and a round trip through memory on the step's
+// critical path, so the kernel can compute its activations itself where it reads them
+// (window_activation): silu(gate) * up needs only
 // the window's elements; RMSNorm needs the sum of squares over all of K first, which every block
 // computes from h and delta (16 KB at K = 4096 in float16, from L2) before its first window, and
 // each block writes its slice of h + delta, the residual stream the next layer reads.
@@ -113,6 +114,7 @@
 #include "cluster.cuh"
 #include "dependent_launch.cuh"
 #include "device_common.cuh"
+#include "fused_inputs.cuh"
 #include "launchers.h"
 #include "split_sums.cuh"
 
@@ -164,7 +166,7 @@ struct Segment {
 };
 
 struct XTableParams {
-  XtableInput::Kind input_kind;  // how the activations are read (see "Fused inputs" at the top)
+  ProductInput::Kind input_kind;  // how the activations are read (see "Fused inputs" at the top)
   const void* x;      // [K]; h for kAddRmsNorm; gate_up [2K] for kSiluMul
   const void* delta;  // kAddRmsNorm: [K]
   const void* norm_weight;  // kAddRmsNorm: [K]
@@ -308,50 +310,18 @@ __device__ __forceinline__ float codebook_entry(const XTableParams& p) {
   return i < seg.codebook_size ? seg.codebook[i] : 0.f;
 }
 
-// v rounded to the activation type T, as float.
+// kAddRmsNorm: the row's RMSNorm factor (add_and_rms_factor in fused_inputs.cuh), computed alike
+// by every block, each of which writes an even share of h + delta's 16-byte vectors. One round of
+// loads per thread at K = 4096 in 16-bit types, from L2, where the kernel before has just written
+// h and delta.
 template <typename T>
-__device__ __forceinline__ float rounded(float v) {
-  return to_float(from_float<T>(v));
-}
-
-// kAddRmsNorm: rsqrt(mean((h + delta)^2) + eps) over all of K, computed alike by every block (the
-// squares are added in one fixed order, so every block gets the same factor). The block also
-// writes its share of h + delta (the grid's blocks take equal slices of the 16-byte vectors).
-// h and delta are read 16 bytes at a time (xtable_input_supported: aligned, K a multiple of the
-// vector); one round of loads per thread at K = 4096 in 16-bit types, from L2, where the kernel
-// before has just written them.
-template <typename T>
-__device__ float add_and_rms_factor(const XTableParams& p, float (&warp_sums)[kWarps]) {
-  constexpr int kVector = 16 / sizeof(T);
-  const int64_t vectors = p.in_features / kVector;
+__device__ float rms_factor_of(const XTableParams& p, float (&warp_sums)[kWarps]) {
   // (vectors < 2^31: K < 2^33 / 7 by xtable_gemv_supports)
-  const int share_first = share_start(int(vectors), gridDim.x, blockIdx.x);
-  const int share_last = share_start(int(vectors), gridDim.x, blockIdx.x + 1);
-  float sum = 0.f;
-#pragma unroll 2
-  for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
-    const uint4 h = static_cast<const uint4*>(p.x)[v];
-    const uint4 delta = static_cast<const uint4*>(p.delta)[v];
-    uint4 h_new;
-    const T* a = reinterpret_cast<const T*>(&h);
-    const T* b = reinterpret_cast<const T*>(&delta);
-    T* c = reinterpret_cast<T*>(&h_new);
-#pragma unroll
-    for (int i = 0; i < kVector; ++i) {
-      c[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
-      const float f = to_float(c[i]);
-      sum = fmaf(f, f, sum);
-    }
-    if (v >= share_first && v < share_last) static_cast<uint4*>(p.h_out)[v] = h_new;
-  }
-#pragma unroll
-  for (int step = 16; step >= 1; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-  return rsqrtf(total / float(p.in_features) + p.eps);
+  const int vectors = int(p.in_features / (16 / sizeof(T)));
+  return add_and_rms_factor<T, kWarps>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.delta), static_cast<T*>(p.h_out),
+      p.in_features, p.eps, share_start(vectors, gridDim.x, blockIdx.x),
+      share_start(vectors, gridDim.x, blockIdx.x + 1), warp_sums);
 }
 
 // Thread t's activation of a window (t < 512) as float, zero past K; staged at
@@ -366,15 +336,12 @@ __device__ __forceinline__ float window_activation(const XTableParams& p, int wi
   if (threadIdx.x >= kWindowWeights || k >= p.in_features) return 0.f;
   const T* x = static_cast<const T*>(p.x);
   switch (p.input_kind) {
-    case XtableInput::Kind::kAddRmsNorm: {
+    case ProductInput::Kind::kAddRmsNorm: {
       const float h = rounded<T>(to_float(x[k]) + to_float(static_cast<const T*>(p.delta)[k]));
-      const float weight = to_float(static_cast<const T*>(p.norm_weight)[k]);
-      return rounded<T>(weight * rounded<T>(h * rms_factor));
+      return rms_normed<T>(h, to_float(static_cast<const T*>(p.norm_weight)[k]), rms_factor);
     }
-    case XtableInput::Kind::kSiluMul: {
-      const float gate = to_float(x[k]);
-      return rounded<T>(rounded<T>(gate / (1.f + expf(-gate))) * to_float(x[p.in_features + k]));
-    }
+    case ProductInput::Kind::kSiluMul:
+      return silu_mul<T>(to_float(x[k]), to_float(x[p.in_features + k]));
     default:
       return to_float(x[k]);
   }
@@ -565,8 +532,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   wait_for_previous_kernel();
   let_next_kernel_start();
   const float my_codebook_entry = codebook_entry(p);
-  const float rms_factor = p.input_kind == XtableInput::Kind::kAddRmsNorm
-                               ? add_and_rms_factor<T>(p, warp_sums)
+  const float rms_factor = p.input_kind == ProductInput::Kind::kAddRmsNorm
+                               ? rms_factor_of<T>(p, warp_sums)
                                : 1.f;
 
   // This block's items (see "Items"). Cluster sums: the cluster's share of the batches in the
@@ -753,24 +720,15 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
          items < (int64_t(1) << 31) / kMaxSegments;
 }
 
-bool xtable_input_supported(const XtableInput& input) {
-  if (input.kind != XtableInput::Kind::kAddRmsNorm) return true;
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
-  return input.x.size(-1) * input.x.element_size() % 16 == 0 && aligned(input.x) &&
-         aligned(input.delta) && (!input.h_out.defined() || aligned(input.h_out));
-}
-
-void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::TensorList codebooks,
+void xtable_gemv_into(const ProductInput& input, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, int64_t in_features, const at::Tensor& out) {
   const at::Tensor& x = input.x;
-  const int64_t x_width = input.kind == XtableInput::Kind::kSiluMul ? 2 * in_features
+  const int64_t x_width = input.kind == ProductInput::Kind::kSiluMul ? 2 * in_features
                                                                     : in_features;
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == x_width && x.is_contiguous() &&
                   out.is_contiguous() && out.dim() == 2 && out.size(0) == 1,
               "tritllm: internal error: xtable_gemv needs contiguous x [1, K], out [1, N]");
-  TORCH_CHECK(xtable_input_supported(input),
+  TORCH_CHECK(product_input_supported(input),
               "tritllm: internal error: xtable_gemv cannot read this input");
   TORCH_CHECK(!packed.empty() && packed.size() <= size_t(kMaxSegments) &&
                   codebooks.size() == packed.size(),
@@ -778,7 +736,7 @@ void xtable_gemv_into(const XtableInput& input, at::TensorList packed, at::Tenso
   XTableParams p{};
   p.input_kind = input.kind;
   p.x = x.data_ptr();
-  if (input.kind == XtableInput::Kind::kAddRmsNorm) {
+  if (input.kind == ProductInput::Kind::kAddRmsNorm) {
     p.delta = input.delta.data_ptr();
     p.norm_weight = input.norm_weight.data_ptr();
     p.h_out = input.h_out.data_ptr();
