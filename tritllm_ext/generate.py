@@ -16,8 +16,8 @@ alike) with:
   one op, `torch.ops.tritllm.decode_attention` (on CUDA one kernel instead of about six);
 * on CUDA, where every layer's products run on a kernel that computes its own input (the x-table
   kernel at batch 1, tile_gemm from batch 2), the element-wise steps between them computed inside
-  the products: the residual add and RMSNorm before q, k, v
-  and before gate, up (`torch.ops.tritllm.add_rms_norm_matmul_cat`), SiLU(gate) * up before down
+  the products: the residual add and RMSNorm before q, k, v and before gate, up
+  (`torch.ops.tritllm.add_rms_norm_matmul_cat`), SiLU(gate) * up before down
   (`silu_mul_matmul`), so a layer is four product kernels and the attention;
 * on CUDA, one decode step (model forward, token choice, cache and position update) captured as
   a CUDA graph and replayed; optionally (`compile=True`) the code between two attention ops runs
@@ -34,8 +34,8 @@ The math follows transformers' eager implementation (RMSNorm, the activation and
 are the model's own modules or their operations step by step; a fused product gives the separate
 ones' numbers, bit for bit on the CPU and at decode batch sizes on CUDA; the decode attention
 computes in float32 where transformers rounds its scores and weights to the model's dtype; the
-RMSNorm inside a fused CUDA product adds its squares in its own order), so greedy
-tokens agree with `model.generate(do_sample=False)` (tests/test_generate.py).
+RMSNorm inside a fused CUDA product adds its squares in its own order), so greedy tokens agree
+with `model.generate(do_sample=False)` (tests/test_generate.py).
 """
 from __future__ import annotations
 

@@ -33,6 +33,12 @@ bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t de
 void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
                    int64_t depth, const at::Tensor& out);
 
+// Whether t's data starts on a 16-byte boundary: what 16-byte vector loads, asynchronous and
+// tensor copies need of a tensor's first element.
+inline bool is_16_byte_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 // The activations of a product: x itself, or computed from other tensors by the product kernel
 // as it reads them (the fused inputs; csrc/fused_inputs.h has the math). xtable_gemv_into and
 // tile_gemm_into take them.
@@ -54,12 +60,9 @@ struct ProductInput {
 // question).
 inline bool product_input_supported(const ProductInput& input) {
   if (input.kind != ProductInput::Kind::kAddRmsNorm) return true;
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
-  return input.x.size(-1) * input.x.element_size() % 16 == 0 && aligned(input.x) &&
-         aligned(input.delta) && aligned(input.norm_weight) &&
-         (!input.h_out.defined() || aligned(input.h_out));
+  return input.x.size(-1) * input.x.element_size() % 16 == 0 && is_16_byte_aligned(input.x) &&
+         is_16_byte_aligned(input.delta) && is_16_byte_aligned(input.norm_weight) &&
+         (!input.h_out.defined() || is_16_byte_aligned(input.h_out));
 }
 
 // The single-token decode kernel: tables of activation sums in shared memory looked up by the

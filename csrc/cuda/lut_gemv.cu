@@ -369,7 +369,7 @@ bool lut_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t de
   if (shared_bytes(int(depth), 1, 1) > props->sharedMemPerBlockOptin) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, and 16-byte aligned rows for the asynchronous copies.
-  return groups % kRunGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+  return groups % kRunGroups == 0 && is_16_byte_aligned(packed);
 }
 
 void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& codebook,
@@ -384,7 +384,7 @@ void lut_gemv_into(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   p.codebook = codebook.data_ptr<float>();
   p.out = out.data_ptr();
   p.codebook_size = int(codebook.numel());
-  p.x_vector_loads = x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  p.x_vector_loads = x.size(1) % 8 == 0 && is_16_byte_aligned(x);
   p.tokens = int(x.size(0));
   p.rows = packed.size(0);
   p.in_features = x.size(1);

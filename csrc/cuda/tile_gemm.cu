@@ -682,16 +682,13 @@ void put_in_slot_order(const ProductInput& input, int64_t in_features, const at:
   SlotOrderParams p{};
   p.kind = input.kind;
   p.x = input.x.data_ptr();
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
-  p.vector_loads = in_features % 8 == 0 && aligned(input.x);
+  // (kAddRmsNorm's other tensors are aligned too: product_input_supported)
+  p.vector_loads = in_features % 8 == 0 && is_16_byte_aligned(input.x);
   if (input.kind == ProductInput::Kind::kAddRmsNorm) {
     p.delta = input.delta.data_ptr();
     p.norm_weight = input.norm_weight.data_ptr();
     p.h_out = input.h_out.data_ptr();
     p.eps = float(input.eps);
-    p.vector_loads = p.vector_loads && aligned(input.delta) && aligned(input.norm_weight);
   }
   p.slots = slots.data_ptr();
   p.in_features = in_features;
@@ -794,7 +791,7 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.
-  return groups % kRunGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+  return groups % kRunGroups == 0 && is_16_byte_aligned(packed) &&
          packed.size(1) * kTileRows < (int64_t(1) << 31);
 }
 
@@ -813,10 +810,9 @@ void tile_gemm_into(const ProductInput& input, at::TensorList packed, at::Tensor
               "tritllm: internal error: tile_gemm cannot read this input");
   TORCH_CHECK(!wgmma || tile_gemm_has_wgmma(x.device().index()),
               "tritllm: internal error: tile_gemm's wgmma products need an sm_90a build on Hopper");
-  if (x.size(0) == 0) return;
   TORCH_CHECK(rows > 0 || input.kind != ProductInput::Kind::kAddRmsNorm,
               "tritllm: internal error: tile_gemm computes h + delta only with a product");
-  if (rows == 0) return;
+  if (x.size(0) == 0 || rows == 0) return;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (depth == 1)
     bf16 ? run_with<1, __nv_bfloat16>(wgmma, input, in_features, packed, codebooks, out)

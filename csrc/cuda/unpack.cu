@@ -176,10 +176,9 @@ void launch(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
   auto stream = at::cuda::getCurrentCUDAStream();
   // A block's bytes start at a multiple of 256 B(d) bytes, a multiple of 16: 16-byte loads
   // wherever the packed tensor itself starts on a 16-byte boundary (a row slice may not).
-  const bool aligned_bytes = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+  const bool aligned_bytes = is_16_byte_aligned(packed);
   // Whole groups land on 16-byte boundaries when rows are whole groups and the buffer is aligned.
-  const bool vector_stores =
-      in_features % kGroupSize == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const bool vector_stores = in_features % kGroupSize == 0 && is_16_byte_aligned(out);
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   const auto* p = packed.data_ptr<uint8_t>();
   const auto* cb = codebook.data_ptr<float>();

@@ -80,10 +80,10 @@
 // the residual add and RMSNorm before q, k, v and before gate, up; SiLU(gate) * up before down.
 // Each would be a kernel of its own, a launch and a round trip through memory on the step's
 // critical path, so the kernel can compute its activations itself where it reads them
-// (window_activation): silu(gate) * up needs only
-// the window's elements; RMSNorm needs the sum of squares over all of K first, which every block
-// computes from h and delta (16 KB at K = 4096 in float16, from L2) before its first window, and
-// each block writes its slice of h + delta, the residual stream the next layer reads.
+// (window_activation): silu(gate) * up needs only the window's elements; RMSNorm needs the sum of
+// squares over all of K first, which every block computes from h and delta (16 KB at K = 4096 in
+// float16, from L2) before its first window, and each block writes its slice of h + delta, the
+// residual stream the next layer reads.
 //
 // Table layout: bank-conflict free and one instruction per address. Every table row (one byte
 // value) has one 4-byte entry per lane, so whatever the bytes, lane l reads bank l. Rows are 256
@@ -715,7 +715,7 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
   // first is: a row of whole windows is a multiple of 32 * B bytes).
   // Rows, batch and item numbers in int, also for a call of kMaxSegments such weights.
   const int64_t items = groups / kWindowGroups * ((packed.size(0) + kBatchRows - 1) / kBatchRows);
-  return groups % kWindowGroups == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+  return groups % kWindowGroups == 0 && is_16_byte_aligned(packed) &&
          packed.size(0) < (int64_t(1) << 30) && packed.size(1) < (int64_t(1) << 31) &&
          items < (int64_t(1) << 31) / kMaxSegments;
 }
