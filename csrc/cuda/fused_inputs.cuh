@@ -7,9 +7,32 @@
 #include <cstdint>
 
 #include "device_common.cuh"
+#include "launchers.h"
 
 namespace tritllm {
 namespace cuda {
+
+// A ProductInput as a kernel parameter: its kind and its tensors' data (the others null for
+// kPlain and kSiluMul).
+struct InputPointers {
+  ProductInput::Kind kind;
+  const void* x;            // x; h for kAddRmsNorm; gate_up for kSiluMul
+  const void* delta;        // kAddRmsNorm
+  const void* norm_weight;  // kAddRmsNorm
+  void* h_out;              // kAddRmsNorm: h + delta, written
+  float eps;                // kAddRmsNorm
+};
+
+inline InputPointers input_pointers(const ProductInput& input) {
+  InputPointers p{input.kind, input.x.data_ptr(), nullptr, nullptr, nullptr, 0.f};
+  if (input.kind == ProductInput::Kind::kAddRmsNorm) {
+    p.delta = input.delta.data_ptr();
+    p.norm_weight = input.norm_weight.data_ptr();
+    p.h_out = input.h_out.data_ptr();
+    p.eps = float(input.eps);
+  }
+  return p;
+}
 
 // v rounded to the activation type T, as float.
 template <typename T>

@@ -136,12 +136,7 @@ constexpr size_t shared_bytes(int depth, int tile_tokens, int segments, bool wgm
 // tensors as the pass reads them (the fused inputs, fused_inputs.cuh), so that a decode step's
 // residual add and RMSNorm, or SiLU-and-multiply, cost no kernel of their own.
 struct SlotOrderParams {
-  ProductInput::Kind kind;
-  const void* x;            // [tokens, K]; h for kAddRmsNorm; gate_up [tokens, 2K] for kSiluMul
-  const void* delta;        // kAddRmsNorm: [tokens, K]
-  const void* norm_weight;  // kAddRmsNorm: [K]
-  void* h_out;              // kAddRmsNorm: h + delta [tokens, K], written
-  float eps;                // kAddRmsNorm
+  InputPointers input;      // x [tokens, K], or what it is computed from
   void* slots;              // [tokens, groups * 16]
   int64_t in_features;
   int groups;
@@ -188,27 +183,27 @@ __global__ void __launch_bounds__(kSlotOrderThreads)
   wait_for_previous_kernel();  // launched early: the input may come from the kernel before
   let_next_kernel_start();
   float x[16];
-  if (p.kind == ProductInput::Kind::kAddRmsNorm) {
+  if (p.input.kind == ProductInput::Kind::kAddRmsNorm) {
     const int64_t row = m * p.in_features;
-    const T* h = static_cast<const T*>(p.x) + row;
-    const T* delta = static_cast<const T*>(p.delta) + row;
+    const T* h = static_cast<const T*>(p.input.x) + row;
+    const T* delta = static_cast<const T*>(p.input.delta) + row;
     // (vectors < 2^31: groups < 2^31 by put_in_slot_order)
     const int vectors = int(p.in_features / (16 / sizeof(T)));
     const int share = blockIdx.x * kSlotOrderThreads * kGroupVectors;
     const float rms_factor = add_and_rms_factor<T, kWarps>(
-        h, delta, static_cast<T*>(p.h_out) + row, p.in_features, p.eps, share,
+        h, delta, static_cast<T*>(p.input.h_out) + row, p.in_features, p.input.eps, share,
         min(share + kSlotOrderThreads * kGroupVectors, vectors), warp_sums);
     if (group >= p.groups) return;
     float a[16], b[16], weight[16];
     load_group(h, k0, p.in_features, p.vector_loads, a);
     load_group(delta, k0, p.in_features, p.vector_loads, b);
-    load_group(static_cast<const T*>(p.norm_weight), k0, p.in_features, p.vector_loads, weight);
+    load_group(static_cast<const T*>(p.input.norm_weight), k0, p.in_features, p.vector_loads, weight);
 #pragma unroll
     for (int i = 0; i < 16; ++i)
       x[i] = rms_normed<T>(rounded<T>(a[i] + b[i]), weight[i], rms_factor);
-  } else if (p.kind == ProductInput::Kind::kSiluMul) {
+  } else if (p.input.kind == ProductInput::Kind::kSiluMul) {
     if (group >= p.groups) return;
-    const T* gate = static_cast<const T*>(p.x) + m * 2 * p.in_features;
+    const T* gate = static_cast<const T*>(p.input.x) + m * 2 * p.in_features;
     float up[16];
     load_group(gate, k0, p.in_features, p.vector_loads, x);
     load_group(gate + p.in_features, k0, p.in_features, p.vector_loads, up);
@@ -216,7 +211,7 @@ __global__ void __launch_bounds__(kSlotOrderThreads)
     for (int i = 0; i < 16; ++i) x[i] = silu_mul<T>(x[i], up[i]);
   } else {
     if (group >= p.groups) return;
-    load_group(static_cast<const T*>(p.x) + m * p.in_features, k0, p.in_features, p.vector_loads,
+    load_group(static_cast<const T*>(p.input.x) + m * p.in_features, k0, p.in_features, p.vector_loads,
                x);
   }
   uint32_t natural[8];
@@ -680,16 +675,9 @@ void put_in_slot_order(const ProductInput& input, int64_t in_features, const at:
   TORCH_CHECK(tokens <= 65535 && groups < (int64_t(1) << 31),
               "tritllm: internal error: slot order of ", tokens, " tokens x ", groups, " groups");
   SlotOrderParams p{};
-  p.kind = input.kind;
-  p.x = input.x.data_ptr();
+  p.input = input_pointers(input);
   // (kAddRmsNorm's other tensors are aligned too: product_input_supported)
   p.vector_loads = in_features % 8 == 0 && is_16_byte_aligned(input.x);
-  if (input.kind == ProductInput::Kind::kAddRmsNorm) {
-    p.delta = input.delta.data_ptr();
-    p.norm_weight = input.norm_weight.data_ptr();
-    p.h_out = input.h_out.data_ptr();
-    p.eps = float(input.eps);
-  }
   p.slots = slots.data_ptr();
   p.in_features = in_features;
   p.groups = int(groups);

@@ -166,12 +166,7 @@ struct Segment {
 };
 
 struct XTableParams {
-  ProductInput::Kind input_kind;  // how the activations are read (see "Fused inputs" at the top)
-  const void* x;      // [K]; h for kAddRmsNorm; gate_up [2K] for kSiluMul
-  const void* delta;  // kAddRmsNorm: [K]
-  const void* norm_weight;  // kAddRmsNorm: [K]
-  void* h_out;        // kAddRmsNorm: h + delta [K], written
-  float eps;          // kAddRmsNorm
+  InputPointers input;  // x [K], or what it is computed from (see "Fused inputs" at the top)
   void* out;          // [rows], written by the cluster sums
   float* partial;     // [windows, rows], for the split sums
   int64_t in_features;
@@ -319,8 +314,8 @@ __device__ float rms_factor_of(const XTableParams& p, float (&warp_sums)[kWarps]
   // (vectors < 2^31: K < 2^33 / 7 by xtable_gemv_supports)
   const int vectors = int(p.in_features / (16 / sizeof(T)));
   return add_and_rms_factor<T, kWarps>(
-      static_cast<const T*>(p.x), static_cast<const T*>(p.delta), static_cast<T*>(p.h_out),
-      p.in_features, p.eps, share_start(vectors, gridDim.x, blockIdx.x),
+      static_cast<const T*>(p.input.x), static_cast<const T*>(p.input.delta),
+      static_cast<T*>(p.input.h_out), p.in_features, p.input.eps, share_start(vectors, gridDim.x, blockIdx.x),
       share_start(vectors, gridDim.x, blockIdx.x + 1), warp_sums);
 }
 
@@ -334,11 +329,11 @@ __device__ __forceinline__ float window_activation(const XTableParams& p, int wi
                                                    float rms_factor) {
   const int64_t k = int64_t(window) * kWindowWeights + threadIdx.x;
   if (threadIdx.x >= kWindowWeights || k >= p.in_features) return 0.f;
-  const T* x = static_cast<const T*>(p.x);
-  switch (p.input_kind) {
+  const T* x = static_cast<const T*>(p.input.x);
+  switch (p.input.kind) {
     case ProductInput::Kind::kAddRmsNorm: {
-      const float h = rounded<T>(to_float(x[k]) + to_float(static_cast<const T*>(p.delta)[k]));
-      return rms_normed<T>(h, to_float(static_cast<const T*>(p.norm_weight)[k]), rms_factor);
+      const float h = rounded<T>(to_float(x[k]) + to_float(static_cast<const T*>(p.input.delta)[k]));
+      return rms_normed<T>(h, to_float(static_cast<const T*>(p.input.norm_weight)[k]), rms_factor);
     }
     case ProductInput::Kind::kSiluMul:
       return silu_mul<T>(to_float(x[k]), to_float(x[p.in_features + k]));
@@ -532,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   wait_for_previous_kernel();
   let_next_kernel_start();
   const float my_codebook_entry = codebook_entry(p);
-  const float rms_factor = p.input_kind == ProductInput::Kind::kAddRmsNorm
+  const float rms_factor = p.input.kind == ProductInput::Kind::kAddRmsNorm
                                ? rms_factor_of<T>(p, warp_sums)
                                : 1.f;
 
@@ -734,14 +729,7 @@ void xtable_gemv_into(const ProductInput& input, at::TensorList packed, at::Tens
                   codebooks.size() == packed.size(),
               "tritllm: internal error: xtable_gemv takes 1 to ", kMaxSegments, " weights");
   XTableParams p{};
-  p.input_kind = input.kind;
-  p.x = x.data_ptr();
-  if (input.kind == ProductInput::Kind::kAddRmsNorm) {
-    p.delta = input.delta.data_ptr();
-    p.norm_weight = input.norm_weight.data_ptr();
-    p.h_out = input.h_out.data_ptr();
-    p.eps = float(input.eps);
-  }
+  p.input = input_pointers(input);
   p.in_features = in_features;
   p.windows = int(num_groups(p.in_features) / kWindowGroups);
   p.segments = int(packed.size());
