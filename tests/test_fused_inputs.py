@@ -29,10 +29,11 @@ EPS = 1e-5
 
 # (dtype, depth, M, K, N of each weight). On CUDA at depth 1-2 the kernel that computes the input
 # (fused_kernel below) is the x-table kernel at M = 1 with whole windows of 32 groups (cluster sums
-# up to 8 windows, split sums past), tile_gemm at M = 2-128 in 16-bit types with whole runs of 16
-# groups (its slot-order pass: one block per token at K <= 4096, several past it).
+# up to 8 windows, split sums past), tile_gemm from M = 2 to its limit (128-512 by the weights'
+# size and the GPU, csrc/cuda/register.cu) in 16-bit types with whole runs of 16 groups (its
+# slot-order pass: one block per token at K <= 4096, several past it).
 # K = 4090 (whole windows and runs of groups, K % 8 != 0) leaves RMSNorm to the composite and
-# SiLU to the kernel; depth 3, float32 at M > 1 and M > 128 take the composite.
+# SiLU to the kernel; depth 3, float32 at M > 1 and M past tile_gemm's limit take the composite.
 CASES = [
     (torch.float16, 2, 1, 4096, (96, 24, 24)),    # q, k, v of a small Llama: clusters of 8
     (torch.bfloat16, 2, 1, 512, (37,)),           # one window
@@ -47,8 +48,9 @@ CASES = [
     (torch.float16, 2, 5, 4608, (65, 130)),       # tile_gemm, two slot-order blocks per token
     (torch.bfloat16, 2, 40, 14336, (33,)),        # tile_gemm, K of a down projection
     (torch.float16, 2, 2, 4090, (41,)),           # tile_gemm, K % 8 != 0
+    (torch.bfloat16, 2, 100, 4096, (300, 24, 24)),  # tile_gemm (Hopper: a 128-token tile)
     (torch.float32, 2, 2, 72, (5,)),              # K % 16 != 0: composite
-    (torch.float16, 2, 200, 512, (70,)),          # past tile_gemm's tokens: composite
+    (torch.float16, 2, 600, 512, (70,)),          # past tile_gemm's tokens: composite
 ]
 
 
@@ -78,6 +80,9 @@ def fused_kernel(device, dtype, depth, m, k):
     groups = -(-k // 16)
     if m == 1:
         return "xtable" if groups % 32 == 0 else None  # whole windows of 32 groups
+    # tile_gemm takes up to 128 tokens on every GPU and weight, and from 129 to 512 on some
+    # (csrc/cuda/register.cu), which CASES avoid
+    assert m <= 128 or m > 512
     return "tile" if m <= 128 and dtype != torch.float32 and groups % 16 == 0 else None
 
 

@@ -3,10 +3,10 @@
 //
 // Decoding one group (d = 2: plane bytes P0b0 P0b1 P0b2 P1b0 P1b1 P1b2, tail T; d = 1 has no
 // P1 bytes):
-//  * A byte v is looked up in a shared-memory table of 256 rows, one 8-byte entry per lane
-//    (so the 32 lanes never hit the same bank): half2(c0, c1), half2(c2, c3), its first four
-//    digits as float16/bfloat16. One byte_perm turns the byte straight into its row offset
-//    v * 256 + lane * 8.
+//  * A byte v is looked up in a shared-memory table of 256 rows of 256 bytes: half2(c0, c1),
+//    half2(c2, c3), its first four digits as float16/bfloat16, in copies of 8 bytes, one per
+//    lane (Layout below: 32 copies, or 16, lanes l and l + 16 sharing one, where a kernel needs
+//    the room). One byte_perm turns the byte straight into its row offset v * 256 + copy * 8.
 //  * The fifth digit rides in bits that are zero in the float16/bfloat16 encodings of 0, 1 and 2
 //    (bits 0-6 of each half): c4 in bits 0-1 of the entry's first word and 3 c4 in bits 16-18.
 //    One AND clears them for the paired arithmetic, and a P0 entry's first word plus a P1
@@ -16,8 +16,8 @@
 //  * The levels plus L of weights 5b..5b+3 are c(P0b) + 3 c(P1b): one paired FMA per pair.
 //  * The tail holds n15 = T / 27 and idx = T % 27: one multiply-high of the row offset (exact
 //    for every byte and lane; tests/test_cuda_ops.py checks the identity), and
-//    idx * 256 + lane * 8 is the offset of the scale entry {pair(s, s), pair(-L s, -L s)} in
-//    the scale table.
+//    idx * 256 + copy * 8 is the offset of the scale entry {pair(s, s), pair(-L s, -L s)} in
+//    the scale table, 27 rows of 256 bytes laid out like the digit table's.
 //  * Each pair of levels n becomes n * s - L * s in one paired FMA, rounded once.
 #pragma once
 
@@ -27,13 +27,39 @@ namespace tritllm {
 namespace cuda {
 namespace lut {
 
-constexpr int kTableRow = 256;  // bytes of one table row: 32 lanes x 8 bytes
+constexpr int kTableRow = 256;  // bytes between table rows (a byte_perm makes v * 256)
 constexpr int kDigitTableBytes = 256 * kTableRow;
 constexpr int kScaleTableBytes = kMaxCodebook * kTableRow;
-constexpr int kTableBytes = kDigitTableBytes + kScaleTableBytes;  // scale table follows digits
 
-// floor(a / (27 * 256)) for a row offset a = v * 256 + lane * 8: it equals v / 27 for every
-// byte v and lane (tests/test_cuda_ops.py).
+// Where the tables lie in shared memory, by the copies of an entry in a row.
+//  * 32 copies fill each row, so no two lanes of a warp's lookup share a bank; the scale tables
+//    follow the digit table (64 KB + 6.75 KB per codebook).
+//  * 16 copies (lanes l and l + 16 share one) fill each row's first half, and the scale tables
+//    sit in the digit table's second halves: 64 KB for up to 9 codebooks, which leaves room for
+//    tile_gemm's stages of 128 tokens. A warp's 8-byte loads are served in two halves of 128
+//    bytes, so a bank is still asked for at most two words per lookup (lanes l and l + 16 reading
+//    one copy of two rows), as with 32 copies.
+template <int kLaneCopies>
+struct Layout {
+  static_assert(kLaneCopies == 16 || kLaneCopies == 32, "16 or 32 copies");
+  static constexpr int kCopiesBytes = kLaneCopies * 8;
+  // (32 copies: the scale tables follow the digit table, as many as are built)
+  static constexpr int kMaxScaleTables = kLaneCopies == 32 ? 1 << 20 : 256 / kMaxCodebook;
+  // Bytes of the digit table and `scale_tables` scale tables.
+  static constexpr size_t bytes(int scale_tables) {
+    return kLaneCopies == 32 ? size_t(kDigitTableBytes) + size_t(scale_tables) * kScaleTableBytes
+                             : size_t(kDigitTableBytes);
+  }
+  // Offset of scale table s from the digit table's start.
+  __host__ __device__ static constexpr uint32_t scale_table_offset(int s) {
+    return (kLaneCopies == 32 ? kDigitTableBytes : kCopiesBytes) + uint32_t(s) * kScaleTableBytes;
+  }
+  // Offset of lane `lane`'s copy within a row (< 256, see table_address).
+  __device__ static uint32_t lane_offset(int lane) { return (lane % kLaneCopies) * 8; }
+};
+
+// floor(a / (27 * 256)) for a row offset a = v * 256 + copy * 8: it equals v / 27 for every
+// byte v and copy (tests/test_cuda_ops.py).
 constexpr uint32_t kDiv27Rows = 621379;  // ceil(2^32 / 6912)
 // The bits of an entry's first word that hold the byte's fifth digit c4 (bits 0-1) and 3 c4
 // (bits 16-18); see the top.
@@ -105,45 +131,41 @@ struct Pair<__nv_bfloat16> {
   }
 };
 
-// Fills the digit table (kDigitTableBytes at `digits`); all threads of the block take part, and
-// the caller synchronizes before use. The fifth digit goes into the first word (see the top).
-template <typename T>
-__device__ __forceinline__ void build_digit_table(uint8_t* digits) {
+// Fills the digit table at `table` (Layout<kLaneCopies>); all threads of the block take part,
+// and the caller synchronizes before use. The fifth digit goes into the first word (see the top).
+template <typename T, int kLaneCopies>
+__device__ __forceinline__ void build_digit_table(uint8_t* table) {
   using P = Pair<T>;
+  constexpr int kStores = Layout<kLaneCopies>::kCopiesBytes / 16;  // per row, two copies each
   auto bits = [](uint32_t digit) { return digit == 0 ? 0u : digit == 1 ? P::kOne : P::kTwo; };
-  for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {  // 16 stores of 2 lanes per row
-    const uint32_t v = e / 16;
+  for (int e = threadIdx.x; e < 256 * kStores; e += blockDim.x) {
+    const uint32_t v = e / kStores;
     const uint32_t c4 = trit_digit(v, 4);
     const uint32_t lo = (bits(trit_digit(v, 0)) | c4) | (bits(trit_digit(v, 1)) | 3 * c4) << 16;
     const uint32_t hi = bits(trit_digit(v, 2)) | bits(trit_digit(v, 3)) << 16;
-    reinterpret_cast<uint4*>(digits + v * kTableRow)[e % 16] = make_uint4(lo, hi, lo, hi);
+    reinterpret_cast<uint4*>(table + v * kTableRow)[e % kStores] = make_uint4(lo, hi, lo, hi);
   }
 }
 
-// Fills the scale table of one codebook (kScaleTableBytes at `scales`), as build_digit_table.
-template <int DEPTH, typename T>
-__device__ __forceinline__ void build_scale_table(uint8_t* scales,
+// Fills scale table `s` of the tables at `table` with one codebook, as build_digit_table.
+template <int DEPTH, typename T, int kLaneCopies>
+__device__ __forceinline__ void build_scale_table(uint8_t* table, int s,
                                                   const float* __restrict__ codebook,
                                                   int codebook_size) {
-  for (int e = threadIdx.x; e < kMaxCodebook * 16; e += blockDim.x) {
-    const int idx = e / 16;
+  constexpr int kStores = Layout<kLaneCopies>::kCopiesBytes / 16;
+  uint8_t* scales = table + Layout<kLaneCopies>::scale_table_offset(s);
+  for (int e = threadIdx.x; e < kMaxCodebook * kStores; e += blockDim.x) {
+    const int idx = e / kStores;
     // Indices >= codebook_size occur only in corrupt data: any finite scale will do.
-    const float s = to_float(from_float<T>(idx < codebook_size ? codebook[idx] : 0.f));
-    const float minus_ls = -max_level(DEPTH) * s;  // exact: L is 1 or 4
-    const uint32_t s2 = pack2<T>(s, s), o2 = pack2<T>(minus_ls, minus_ls);
-    reinterpret_cast<uint4*>(scales + idx * kTableRow)[e % 16] = make_uint4(s2, o2, s2, o2);
+    const float scale = to_float(from_float<T>(idx < codebook_size ? codebook[idx] : 0.f));
+    const float minus_ls = -max_level(DEPTH) * scale;  // exact: L is 1 or 4
+    const uint32_t s2 = pack2<T>(scale, scale), o2 = pack2<T>(minus_ls, minus_ls);
+    reinterpret_cast<uint4*>(scales + idx * kTableRow)[e % kStores] = make_uint4(s2, o2, s2, o2);
   }
 }
 
-// The digit table followed by one codebook's scale table (kTableBytes at `tables`).
-template <int DEPTH, typename T>
-__device__ __forceinline__ void build_tables(uint8_t* tables, const float* __restrict__ codebook,
-                                             int codebook_size) {
-  build_digit_table<T>(tables);
-  build_scale_table<DEPTH, T>(tables + kDigitTableBytes, codebook, codebook_size);
-}
-
-// Byte `byte` of a lane's bytes (held in 32-bit words) -> its table address byte * 256 + lane * 8.
+// Byte `byte` of a lane's bytes (held in 32-bit words) -> its table address byte * 256 +
+// lane_offset (< 256).
 // Called from fully unrolled loops, so `byte` is a constant and this is one PRMT.
 template <int kWords>
 __device__ __forceinline__ uint32_t table_address(const uint32_t (&word)[kWords], int byte,
@@ -175,7 +197,8 @@ __device__ __forceinline__ void slot_order(const uint32_t (&natural)[8], uint32_
 
 // The group starting at byte `group * B` of a lane's bytes -> its 16 dequantized weights as 8
 // pairs, in the order (0,1) (2,3) (5,6) (7,8) (10,11) (12,13) (4,9) (14,15). `digits` and
-// `scales` are the shared-space addresses of the digit table and of the weight's scale table.
+// `scales` are the shared-space addresses of the digit table and of the weight's scale table,
+// `lane_offset` the lane's copy (Layout).
 template <int DEPTH, typename T, int kWords>
 __device__ __forceinline__ void decode_group_pairs(const uint32_t (&word)[kWords], int group,
                                                    uint32_t lane_offset, uint32_t digits,

@@ -40,12 +40,13 @@ constexpr int kStages = 3;           // cp.async pipeline depth per warp
 constexpr int kWarpTileFloats = 2 * 16 * 8;  // one warp's C: 2 token tiles x 16 rows x 8 tokens
 constexpr int kTileBuffers = 2;  // partial sums of tile j and j + 1: one barrier per tile
 constexpr int kMaxSlabsPerTile = 4;
+constexpr int kTableCopies = 32;  // of each lookup-table entry (lut::Layout)
 
 constexpr int row_bytes(int depth) { return kRunGroups * bytes_per_group(depth); }
 constexpr int stage_bytes(int depth) { return kRowsPerSlab * row_bytes(depth); }
 
 size_t shared_bytes(int depth, int warps, int blocks_per_tile) {
-  return size_t(lut::kTableBytes) +
+  return lut::Layout<kTableCopies>::bytes(1) +
          size_t(warps) * kStages * stage_bytes(depth) +
          size_t(kTileBuffers) * blocks_per_tile * warps * kWarpTileFloats * sizeof(float);
 }
@@ -128,16 +129,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) lut_gemv_kernel(const LutPa
   constexpr int kWords = kLaneBytes / 4;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* stages = smem + lut::kTableBytes;
+  uint8_t* stages = smem + lut::Layout<kTableCopies>::bytes(1);
   float* tile_sums = reinterpret_cast<float*>(stages + size_t(p.warps) * kStages * kStageBytes);
-  lut::build_tables<DEPTH, T>(smem, p.codebook, p.codebook_size);
+  lut::build_digit_table<T, kTableCopies>(smem);
+  lut::build_scale_table<DEPTH, T, kTableCopies>(smem, 0, p.codebook, p.codebook_size);
   const uint32_t digits = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t scales = digits + lut::kDigitTableBytes;
+  const uint32_t scales = digits + lut::Layout<kTableCopies>::scale_table_offset(0);
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const uint32_t lane_offset = lane * 8;
+  const uint32_t lane_offset = lut::Layout<kTableCopies>::lane_offset(lane);
   uint8_t* my_stages = stages + size_t(warp) * kStages * kStageBytes;
   const int R = p.slabs_per_tile;
 

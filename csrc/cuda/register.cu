@@ -4,13 +4,13 @@
 // docs/PERF.md, "GPU", has the table behind these rules):
 //   * xtable_gemv depth 1-2, one token, whole 512-weight windows (G % 32 == 0): lookup tables
 //                 of activation sums, the fastest per weight at M = 1 (docs/KERNEL_NOTES.md);
-//   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), 2 to 128
-//                 tokens (192 on matrices of 32M weights or more), GPUs with ~200 KB of shared
-//                 memory per block (Hopper): weights decoded in registers once per tile of up
-//                 to 64 tokens, tensor-core products (wgmma on Hopper builds for sm_90a, else
-//                 mma.sync; "tile_sync" names the mma.sync ones wherever they can run). Faster
-//                 than lut_gemv from M = 2-4 on (up to 2x on 4096x14336) and than unpack +
-//                 cuBLAS up to M = 128-192;
+//   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), GPUs
+//                 with ~200 KB of shared memory per block (Hopper): weights decoded in registers
+//                 once per tile of up to 128 tokens (wgmma on Hopper builds for sm_90a) or 64
+//                 (mma.sync; "tile_sync" names these wherever they can run), tensor-core
+//                 products. Faster than lut_gemv from M = 2-4 on (up to 2x on 4096x14336) and
+//                 than unpack + cuBLAS up to M = 128-192 (mma.sync) or 192-512 (wgmma; the
+//                 limits below);
 //   * lut_gemv    the same conditions on GPUs where tile_gemm cannot run, up to
 //                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
 //   * generic     any other call with M <= 16: fused, never materializes W, slow per weight;
@@ -38,12 +38,19 @@ namespace cuda {
 namespace {
 
 // Above these many tokens cuBLAS on an unpacked W beats decoding the packed bytes once per tile of
-// 64 tokens (tile_gemm) or once per slice of 16 tokens (lut_gemv). tile_gemm's limit grows with
-// the matrix: cuBLAS wins at M = 192 on 6144x4096 and 4096x4096 (25M and 17M weights), tile_gemm
-// up to M = 192 on 28672x4096 and up to M = 256 on 4096x14336 (117M and 59M).
-constexpr int64_t kTileMaxTokensSmall = 128;
-constexpr int64_t kTileMaxTokens = 192;
+// tokens (tile_gemm) or once per slice of 16 tokens (lut_gemv). tile_gemm's limit grows with the
+// matrix, whose unpacking costs cuBLAS more the larger it is (docs/PERF.md):
+//  * mma.sync form (tiles of 64 tokens): cuBLAS wins at M = 192 on 6144x4096 and 4096x4096 (25M
+//    and 17M weights), tile_gemm up to M = 192 on 28672x4096 and up to 256 on 4096x14336 (117M
+//    and 59M);
+//  * wgmma form (tiles of 128 tokens from M = 65 on, session 19, H200): about even at M = 192 on
+//    6144x4096, tile_gemm ahead up to M = 256 on 4096x4096 and up to 512 on 28672x4096 and
+//    4096x14336 (even on the latter); cuBLAS from M = 1024 on.
 constexpr int64_t kTileLargeWeights = int64_t(32) << 20;
+constexpr int64_t kTileSyncMaxTokensSmall = 128;
+constexpr int64_t kTileSyncMaxTokens = 192;
+constexpr int64_t kTileWgmmaMaxTokensSmall = 192;
+constexpr int64_t kTileWgmmaMaxTokens = 512;
 constexpr int64_t kLutFusedMaxTokens = 48;
 
 at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
@@ -91,8 +98,11 @@ bool can_run(Kernel kernel, const at::Tensor& x, at::TensorList packed, int64_t 
 // The heuristic (measurements: docs/PERF.md, "GPU"); `rows` is the weights' total N.
 Kernel choose(const at::Tensor& x, at::TensorList packed, int64_t rows, int64_t depth) {
   const int64_t tokens = x.size(0);
+  const bool large = rows * x.size(1) >= kTileLargeWeights;
   const int64_t tile_max_tokens =
-      rows * x.size(1) >= kTileLargeWeights ? kTileMaxTokens : kTileMaxTokensSmall;
+      tile_gemm_has_wgmma(x.device().index())
+          ? (large ? kTileWgmmaMaxTokens : kTileWgmmaMaxTokensSmall)
+          : (large ? kTileSyncMaxTokens : kTileSyncMaxTokensSmall);
   if (tokens == 1 && can_run(Kernel::kXtable, x, packed, depth)) return Kernel::kXtable;
   if (tokens <= tile_max_tokens && can_run(Kernel::kTile, x, packed, depth)) return Kernel::kTile;
   if (tokens <= kLutFusedMaxTokens && can_run(Kernel::kLut, x, packed, depth)) return Kernel::kLut;

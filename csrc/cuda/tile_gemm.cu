@@ -5,10 +5,11 @@
 // Why another kernel. The decode kernel (lut_gemv.cu) keeps each warp's activations in registers
 // and re-reads the packed bytes once per 16 tokens; unpack + cuBLAS (gemm.cu) writes and re-reads
 // a dense copy of W (16 bits per weight). Here a block decodes each weight once per tile of up
-// to 64 tokens and meets it with all of them, so the bytes moved stay near the packed 3.5 bits
-// per weight and the work is the tensor cores'.
+// to 64 tokens (128 on Hopper) and meets it with all of them, so the bytes moved stay near the
+// packed 3.5 bits per weight and the work is the tensor cores'.
 //
-// Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small) and
+// Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small;
+// the tile shapes, TileShape below, list every size and its warps) and
 // walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
 // tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256 activations (already put in
 // slot order by slot_order_kernel below) in one of two shared-memory buffers, one run ahead.
@@ -44,8 +45,13 @@
 //    of the run are done, arrives on the stage's `consumed`, which thread 0 waits for before it
 //    refills the stage; warps drift apart by up to a stage, so one warp's decode overlaps
 //    another's products (three stages up to 32 tokens, where they fit: 2-7% faster on the large
-//    matrices). 16 warps of one slab at every tile size (the accumulators of 64 tokens fit in
-//    127 registers).
+//    matrices). 16 warps of one slab up to 64 tokens (the accumulators of 64 tokens fit in 127
+//    registers).
+//  * From 65 tokens on, tiles of 128 rows x 128 tokens (session 19): 8 warps, two warpgroups of
+//    one slab, so the 64 accumulators per lane fit (151 registers), and each weight is decoded
+//    once per 128 tokens instead of 64 (28672x4096 at M = 128: 73 against 93 us). A stage of 128
+//    tokens is 78 KB; two fit beside the tables only with 16 copies of each table entry (64 KB
+//    for the digit and scale tables together, lut::Layout).
 //
 // Why these sizes for mma.sync (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let
 // each activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with
@@ -53,8 +59,8 @@
 // more. The decode dominates at M <= 64 (ncu at M = 8, 28672x4096: tensor pipe 8% busy; the
 // FMA-heavy pipe, which runs both the paired 16-bit arithmetic and the integer multiplies, 57%, and
 // waits for it the first stall; so lut_decode.cuh takes the fifth digits from its table, not from
-// multiplies), and a tile re-decodes its weights for every 64 tokens, so from about M = 192 on,
-// unpack + cuBLAS is about as fast or faster.
+// multiplies), and a tile re-decodes its weights for every 64 tokens (128 on Hopper), so from
+// about M = 192 on (512 on Hopper), unpack + cuBLAS is about as fast or faster.
 //
 // The slot-order pass can compute x itself (fused inputs, SlotOrderParams below): a decode step's
 // residual add and RMSNorm before q, k, v and gate, up, or SiLU(gate) * up before down, then cost
@@ -76,6 +82,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <iterator>
 #include <limits>
 
 #include "bulk_copy.cuh"
@@ -94,9 +101,38 @@ namespace {
 constexpr int kRunGroups = 16;                       // groups of one K-step of a tile
 constexpr int kRunWeights = kRunGroups * kGroupSize;  // 256
 constexpr int kGroupsPerLane = 4;                    // lane 4g+t decodes groups 4t..4t+3
-constexpr int kTileRows = 256;  // 16 warps of one 16-row slab each, or 8 warps of two
-__host__ __device__ constexpr int warps_for(int slabs_per_warp) {
-  return kTileRows / 16 / slabs_per_warp;
+
+// A tile's shape: its tokens, its rows as warps of 16-row slabs, and the copies of each lookup
+// table entry (lut::Layout). The smallest shape that holds a call's tokens runs it, the last one
+// any larger call; why these: the top of the file. A kernel is compiled per shape (its index).
+// The copies: 16 where the 128-token stages need the room; measured (session 19, H200, wgmma)
+// 2-3% faster than 32 at 32 and 64 tokens, 1-4% slower at 16, even at 8.
+struct TileShape {
+  int tokens, warps, slabs_per_warp, table_copies;
+  constexpr int rows() const { return warps * 16 * slabs_per_warp; }
+};
+constexpr TileShape kSyncShapes[] = {
+    {8, 16, 1, 32}, {16, 16, 1, 32}, {32, 16, 1, 32}, {64, 8, 2, 32}};
+constexpr TileShape kWgmmaShapes[] = {
+    {8, 16, 1, 32}, {16, 16, 1, 32}, {32, 16, 1, 16}, {64, 16, 1, 16}, {128, 8, 1, 16}};
+constexpr int kMaxTileRows = 256;  // of any shape (tile_gemm_supports bounds copy offsets by it)
+constexpr int shape_count(bool wgmma) {
+  return wgmma ? int(std::size(kWgmmaShapes)) : int(std::size(kSyncShapes));
+}
+constexpr TileShape shape_at(bool wgmma, int index) {
+  return wgmma ? kWgmmaShapes[index] : kSyncShapes[index];
+}
+constexpr bool rows_within_max() {
+  for (const bool wgmma : {false, true})
+    for (int i = 0; i < shape_count(wgmma); ++i)
+      if (shape_at(wgmma, i).rows() > kMaxTileRows) return false;
+  return true;
+}
+static_assert(rows_within_max(), "kMaxTileRows");
+constexpr TileShape shape_for(int64_t tokens, bool wgmma) {
+  for (int i = 0; i + 1 < shape_count(wgmma); ++i)
+    if (tokens <= shape_at(wgmma, i).tokens) return shape_at(wgmma, i);
+  return shape_at(wgmma, shape_count(wgmma) - 1);
 }
 // Shared-memory stages: two for mma.sync; for wgmma three up to 32 tokens (a stage is smaller
 // there, and more of them let the warps drift further apart), else two.
@@ -114,21 +150,23 @@ __host__ __device__ constexpr int run_bytes(int depth) {
 }
 // A stage: the tile's packed bytes of one run and its tokens' activations of that run. mma.sync:
 // the bytes, then the tokens' padded runs. wgmma: the activations first (whole swizzle atoms),
-// then the bytes (kTileRows * run bytes is a multiple of 1024 too).
+// then the bytes (a tile's rows x run bytes is a multiple of 1024 too).
 __host__ __device__ constexpr int x_stage_bytes(int tile_tokens, bool wgmma) {
   return tile_tokens * (wgmma ? kXRunBytes : kXRowStride);
 }
-__host__ __device__ constexpr int stage_bytes(int depth, int tile_tokens, bool wgmma) {
-  return kTileRows * run_bytes(depth) + x_stage_bytes(tile_tokens, wgmma);
+__host__ __device__ constexpr int stage_bytes(int depth, TileShape shape, bool wgmma) {
+  return shape.rows() * run_bytes(depth) + x_stage_bytes(shape.tokens, wgmma);
 }
-// The digit table, one scale table per segment, then the stages (for wgmma from the next 1024-byte
-// boundary, which costs at most 1024 bytes more).
-constexpr size_t tables_bytes(int segments) {
-  return size_t(lut::kDigitTableBytes) + size_t(segments) * lut::kScaleTableBytes;
+// The lookup tables (the digit table and one scale table per segment), then the stages (for wgmma from the next 1024-byte boundary, which costs at most 1024
+// bytes more).
+static_assert(kMaxSegments <= lut::Layout<16>::kMaxScaleTables, "a scale table per segment");
+constexpr size_t tables_bytes(TileShape shape, int segments) {
+  return shape.table_copies == 16 ? lut::Layout<16>::bytes(segments)
+                                  : lut::Layout<32>::bytes(segments);
 }
-constexpr size_t shared_bytes(int depth, int tile_tokens, int segments, bool wgmma) {
-  return tables_bytes(segments) +
-         size_t(stages_for(wgmma, tile_tokens)) * stage_bytes(depth, tile_tokens, wgmma) +
+constexpr size_t shared_bytes(int depth, TileShape shape, int segments, bool wgmma) {
+  return tables_bytes(shape, segments) +
+         size_t(stages_for(wgmma, shape.tokens)) * stage_bytes(depth, shape, wgmma) +
          (wgmma ? kSwizzleAtom : 0);
 }
 
@@ -252,7 +290,7 @@ struct TilePlace {
 };
 
 struct TileParams {
-  // wgmma only: tensor maps of each segment's packed bytes (boxes of kTileRows rows x one run)
+  // wgmma only: tensor maps of each segment's packed bytes (boxes of a tile's rows x one run)
   // and of x_slots as bytes (boxes of the tile's tokens x kXBoxBytes, 128-byte swizzle).
   CUtensorMap w_map[kMaxSegments];
   CUtensorMap x_map;
@@ -307,19 +345,24 @@ __device__ __forceinline__ int segment_of(const TileParams& p, int row_tile) {
   return index;
 }
 
-template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp, bool kWgmma>
-__global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
+template <int DEPTH, typename T, bool kWgmma, int kShapeIndex>
+__global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
     tile_gemm_kernel(const __grid_constant__ TileParams p) {
   using P = lut::Pair<T>;
-  constexpr int kWarps = warps_for(kSlabsPerWarp);
+  constexpr TileShape kShape = shape_at(kWgmma, kShapeIndex);
+  using Tables = lut::Layout<kShape.table_copies>;
+  constexpr int kTileTokens = kShape.tokens;
+  constexpr int kWarps = kShape.warps;
+  constexpr int kSlabsPerWarp = kShape.slabs_per_warp;
   constexpr int kThreads = kWarps * 32;
   constexpr int kWarpRows = 16 * kSlabsPerWarp;
+  constexpr int kTileRows = kShape.rows();
   constexpr int kB = bytes_per_group(DEPTH);
   constexpr int kRunBytes = run_bytes(DEPTH);
-  constexpr int kTileTokens = 8 * kTokenTiles;
+  constexpr int kTokenTiles = kTileTokens / 8;  // 8-token column blocks of the accumulators
   constexpr int kWBytes = kTileRows * kRunBytes;
   constexpr int kStages = stages_for(kWgmma, kTileTokens);
-  constexpr int kStageBytes = stage_bytes(DEPTH, kTileTokens, kWgmma);
+  constexpr int kStageBytes = stage_bytes(DEPTH, kShape, kWgmma);
   constexpr int kXStageBytes = x_stage_bytes(kTileTokens, kWgmma);
   constexpr int kLaneBytes = kGroupsPerLane * kB;  // 28 (d=2) or 16 (d=1) bytes per row
   constexpr int kWords = kLaneBytes / 4;
@@ -334,14 +377,13 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
   // mma.sync: cp.async copies, each thread waits for its own and a barrier for everyone's.
   // wgmma: tensor copies into 1024-byte-aligned stages, announced by the mbarrier landed[stage];
   // each warp arrives on consumed[stage] when it is done with a stage (see the loop).
-  const uint32_t tables_end = digits + uint32_t(tables_bytes(p.segments));
+  const uint32_t tables_end = digits + uint32_t(Tables::bytes(p.segments));
   const uint32_t stages_at =
       kWgmma ? (tables_end + kSwizzleAtom - 1) & ~uint32_t(kSwizzleAtom - 1) : tables_end;
   uint8_t* stages = smem + (stages_at - digits);
   __shared__ __align__(8) uint64_t landed[kStages], consumed[kStages];
   const uint32_t landed_at = static_cast<uint32_t>(__cvta_generic_to_shared(landed));
   const uint32_t consumed_at = static_cast<uint32_t>(__cvta_generic_to_shared(consumed));
-  const uint32_t scales0 = digits + lut::kDigitTableBytes;  // segment s's at + s * kScaleTableBytes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t row_stride = int64_t(p.runs) * kRunBytes;
@@ -380,7 +422,7 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     it.w_tile = seg.packed + first * row_stride;
     it.rows = min(seg.rows - first, kTileRows);
     it.first_row = seg.first_row + first;
-    it.scales = scales0 + index * lut::kScaleTableBytes;
+    it.scales = digits + Tables::scale_table_offset(index);
   };
   auto advance = [&](Item& it) {
     ++it.count;
@@ -480,14 +522,14 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
     advance(ahead);
   }
   // The tables are built while the first copies are in flight.
-  lut::build_digit_table<T>(smem);
+  lut::build_digit_table<T, kShape.table_copies>(smem);
 #pragma unroll
   for (int s = 0; s < kMaxSegments; ++s)
     if (s < p.segments)
-      lut::build_scale_table<DEPTH, T>(smem + lut::kDigitTableBytes + s * lut::kScaleTableBytes,
-                                       p.segment[s].codebook, p.segment[s].codebook_size);
+      lut::build_scale_table<DEPTH, T, kShape.table_copies>(smem, s, p.segment[s].codebook,
+                                                            p.segment[s].codebook_size);
   if constexpr (kWgmma) __syncthreads();  // the tables and mbarriers, before any use
-  const uint32_t lane_offset = lane * 8;
+  const uint32_t lane_offset = Tables::lane_offset(lane);
 
   // acc[s][q]: rows (g, g, g+8, g+8) of slab s x tokens (2t, 2t+1, 2t, 2t+1) + 8q.
   float acc[kSlabsPerWarp][kTokenTiles][4];
@@ -624,13 +666,14 @@ __global__ void __launch_bounds__(warps_for(kSlabsPerWarp) * 32, 1)
 }
 
 // `slots`: x in slot order (wgmma: the source of p.x_map, made here for this tile size).
-template <int DEPTH, typename T, int kTokenTiles, int kSlabsPerWarp, bool kWgmma>
+template <int DEPTH, typename T, bool kWgmma, int kShapeIndex>
 void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  auto kernel = tile_gemm_kernel<DEPTH, T, kTokenTiles, kSlabsPerWarp, kWgmma>;
-  constexpr int kThreads = warps_for(kSlabsPerWarp) * 32;
-  constexpr int kTileTokens = 8 * kTokenTiles;
-  const size_t smem = shared_bytes(DEPTH, kTileTokens, p.segments, kWgmma);
+  auto kernel = tile_gemm_kernel<DEPTH, T, kWgmma, kShapeIndex>;
+  constexpr TileShape kShape = shape_at(kWgmma, kShapeIndex);
+  constexpr int kTileTokens = kShape.tokens;
+  constexpr int kThreads = kShape.warps * 32;
+  const size_t smem = shared_bytes(DEPTH, kShape, p.segments, kWgmma);
   const int sms = props->multiProcessorCount;
   if (kWgmma)
     p.x_map = byte_box_map(slots.view(at::kByte), kTileTokens, kXBoxBytes,
@@ -689,20 +732,16 @@ void put_in_slot_order(const ProductInput& input, int64_t in_features, const at:
   C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
 }
 
-// The smallest token tile that holds every token, up to 64. Up to 32 tokens the registers allow
-// 16 warps of one slab each (more latency hidden); above, 8 warps of two slabs.
-template <int DEPTH, typename T, bool kWgmma>
+// The launch of shape_for(p.tokens): shape kIndex of the form's list if it holds the tokens or
+// is the last, else the next one.
+template <int DEPTH, typename T, bool kWgmma, int kIndex = 0>
 void launch_for_tokens(const TileParams& p, const at::Tensor& slots, const at::Tensor& out) {
-  if (p.tokens <= 8)
-    launch<DEPTH, T, 1, 1, kWgmma>(p, slots, out);
-  else if (p.tokens <= 16)
-    launch<DEPTH, T, 2, 1, kWgmma>(p, slots, out);
-  else if (p.tokens <= 32)
-    launch<DEPTH, T, 4, 1, kWgmma>(p, slots, out);
-  else if constexpr (kWgmma)
-    launch<DEPTH, T, 8, 1, kWgmma>(p, slots, out);
-  else
-    launch<DEPTH, T, 8, 2, kWgmma>(p, slots, out);
+  constexpr TileShape shape = shape_at(kWgmma, kIndex);
+  if constexpr (kIndex + 1 < shape_count(kWgmma)) {
+    if (p.tokens > shape.tokens)
+      return launch_for_tokens<DEPTH, T, kWgmma, kIndex + 1>(p, slots, out);
+  }
+  launch<DEPTH, T, kWgmma, kIndex>(p, slots, out);
 }
 
 // The input in slot order once, then one launch per kMaxSegments weights, each weight into its
@@ -714,6 +753,7 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
   const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
   at::Tensor slots = at::empty({tokens, groups * kGroupSize}, input.x.options());
   put_in_slot_order<T, kWgmma>(input, in_features, slots, groups);
+  const int tile_rows = shape_for(tokens, kWgmma).rows();
   int64_t first_column = 0;  // of this launch's weights in out
   for (size_t first = 0; first < packed.size(); first += kMaxSegments) {
     TileParams p{};
@@ -722,14 +762,14 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
       if (rows == 0) continue;
       TileSegment& seg = p.segment[p.segments++];
       seg.packed = packed[i].data_ptr<uint8_t>();
-      if (kWgmma) p.w_map[p.segments - 1] = byte_box_map(packed[i], kTileRows, run_bytes(DEPTH));
+      if (kWgmma) p.w_map[p.segments - 1] = byte_box_map(packed[i], tile_rows, run_bytes(DEPTH));
       seg.codebook = codebooks[i].data_ptr<float>();
       seg.codebook_size = int(codebooks[i].numel());
       seg.rows = int(rows);
       seg.first_row = int(p.rows);
       seg.first_row_tile = p.row_tiles;
       p.rows += rows;
-      p.row_tiles += int((rows + kTileRows - 1) / kTileRows);
+      p.row_tiles += int((rows + tile_rows - 1) / tile_rows);
     }
     for (int s = p.segments; s < kMaxSegments; ++s)
       p.segment[s].first_row_tile = std::numeric_limits<int>::max();
@@ -772,15 +812,15 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(packed.device().index());
   if (props->major < 8) return false;
   size_t most = 0;  // of any launch of either form
-  for (const int tile_tokens : {8, 16, 32, 64})
-    for (const bool wgmma : {false, true})
-      most = std::max(most, shared_bytes(int(depth), tile_tokens, kMaxSegments, wgmma));
+  for (const bool wgmma : {false, true})
+    for (int i = 0; i < shape_count(wgmma); ++i)
+      most = std::max(most, shared_bytes(int(depth), shape_at(wgmma, i), kMaxSegments, wgmma));
   if (most > props->sharedMemPerBlockOptin) return false;
   const int64_t groups = packed.size(1) / bytes_per_group(int(depth));
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.
   return groups % kRunGroups == 0 && is_16_byte_aligned(packed) &&
-         packed.size(1) * kTileRows < (int64_t(1) << 31);
+         packed.size(1) * kMaxTileRows < (int64_t(1) << 31);
 }
 
 void tile_gemm_into(const ProductInput& input, at::TensorList packed, at::TensorList codebooks,

@@ -69,7 +69,7 @@ __device__ __forceinline__ void touch(float& v) { asm volatile("" : "+f"(v)::"me
 template <typename T, int N>
 __device__ __forceinline__ void mma(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b);
 
-// The four shapes tile_gemm uses, each for float16 and bfloat16 (TYPE: the PTX type name).
+// The five shapes tile_gemm uses, each for float16 and bfloat16 (TYPE: the PTX type name).
 #ifdef TRITLLM_WGMMA_DEVICE
 #define TRITLLM_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
 #else
@@ -146,6 +146,39 @@ TRITLLM_WGMMA_MMA_N32(__nv_bfloat16, "bf16")
 TRITLLM_WGMMA_MMA_N64(__half, "f16")
 TRITLLM_WGMMA_MMA_N64(__nv_bfloat16, "bf16")
 #undef TRITLLM_WGMMA_MMA_N64
+
+#define TRITLLM_WGMMA_MMA_N128(T, TYPE)                                                     \
+  template <>                                                                               \
+  __device__ __forceinline__ void mma<T, 128>(float(&d)[16][4], const uint32_t(&a)[4],      \
+                                              uint64_t b) {                                 \
+    TRITLLM_WGMMA_ASM(                                                                      \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                    \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "  \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;"                                            \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                       \
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                       \
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                       \
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                       \
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                       \
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                       \
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                       \
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),                       \
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),                       \
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),                       \
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),                   \
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),                   \
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),                   \
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),                   \
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),                   \
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                    \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                              \
+  }
+TRITLLM_WGMMA_MMA_N128(__half, "f16")
+TRITLLM_WGMMA_MMA_N128(__nv_bfloat16, "bf16")
+#undef TRITLLM_WGMMA_MMA_N128
 
 #undef TRITLLM_WGMMA_ASM
 #undef TRITLLM_WGMMA_DEVICE
