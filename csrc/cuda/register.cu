@@ -9,7 +9,7 @@
 //                 once per tile of up to 128 tokens (wgmma on Hopper builds for sm_90a) or 64
 //                 (mma.sync; "tile_sync" names these wherever they can run), tensor-core
 //                 products. Faster than lut_gemv from M = 2-4 on (up to 2x on 4096x14336) and
-//                 than unpack + cuBLAS up to M = 128-192 (mma.sync) or 192-512 (wgmma; the
+//                 than unpack + cuBLAS up to M = 128-192 (mma.sync) or 256-512 (wgmma; the
 //                 limits below);
 //   * lut_gemv    the same conditions on GPUs where tile_gemm cannot run, up to
 //                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
@@ -43,13 +43,13 @@ namespace {
 //  * mma.sync form (tiles of 64 tokens): cuBLAS wins at M = 192 on 6144x4096 and 4096x4096 (25M
 //    and 17M weights), tile_gemm up to M = 192 on 28672x4096 and up to 256 on 4096x14336 (117M
 //    and 59M);
-//  * wgmma form (tiles of 128 tokens from M = 65 on, session 19, H200): about even at M = 192 on
-//    6144x4096, tile_gemm ahead up to M = 256 on 4096x4096 and up to 512 on 28672x4096 and
+//  * wgmma form (tiles of 128 tokens from M = 65 on, session 19, H200): tile_gemm ahead up to
+//    M = 256 on 6144x4096 (40 against 46 us) and 4096x4096 (even), up to 512 on 28672x4096 and
 //    4096x14336 (even on the latter); cuBLAS from M = 1024 on.
 constexpr int64_t kTileLargeWeights = int64_t(32) << 20;
 constexpr int64_t kTileSyncMaxTokensSmall = 128;
 constexpr int64_t kTileSyncMaxTokens = 192;
-constexpr int64_t kTileWgmmaMaxTokensSmall = 192;
+constexpr int64_t kTileWgmmaMaxTokensSmall = 256;
 constexpr int64_t kTileWgmmaMaxTokens = 512;
 constexpr int64_t kLutFusedMaxTokens = 48;
 

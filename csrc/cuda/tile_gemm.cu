@@ -17,7 +17,8 @@
 // tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
 // share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
 // alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
-// float32 partial products in split order (split_sums.cuh), so results are deterministic.
+// float32 partial products in split order (split_sums.cuh), so results are deterministic; the
+// split is chosen by an estimate of its time that counts the partials' traffic (launch()).
 //
 // Warps (mma.sync). Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand
 // of mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows g
@@ -680,15 +681,21 @@ void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
                            CU_TENSOR_MAP_SWIZZLE_128B);
 
   p.token_tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
-  // Split K when there are too few tiles for the SMs: pick the split with the fewest runs per
-  // block, ceil(tiles / SMs) * runs per split; ties go to fewer splits (less partial traffic).
+  // Split K when there are too few tiles for the SMs: pick the split with the least estimated
+  // time, the busiest block's runs (ceil(tiles / SMs) x runs per split, ~2.5 us each) plus, when
+  // K is split, the float32 partial sums written and read back (at ~3 TB/s); ties go to fewer
+  // splits. The partials are negligible for a few tokens but not for many (session 19: 28672x4096
+  // at M = 256 in two splits took 197 us against ~147 without).
+  constexpr int64_t kRunNanos = 2500, kPartialBytesPerNano = 3000;
   const int64_t base = int64_t(p.token_tiles) * p.row_tiles;
   int64_t best_cost = INT64_MAX;
   for (int splits = 1; splits <= p.runs; ++splits) {
     const int per_split = (p.runs + splits - 1) / splits;
     const int used = (p.runs + per_split - 1) / per_split;
     const int64_t tiles = base * used;
-    const int64_t cost = (tiles + sms - 1) / sms * per_split;
+    const int64_t partial_bytes = used > 1 ? int64_t(used) * p.tokens * p.rows * 8 : 0;
+    const int64_t cost =
+        (tiles + sms - 1) / sms * per_split * kRunNanos + partial_bytes / kPartialBytesPerNano;
     if (cost < best_cost) {
       best_cost = cost;
       p.runs_per_split = per_split;
