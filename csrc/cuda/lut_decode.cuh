@@ -39,12 +39,11 @@ constexpr int kScaleTableBytes = kMaxCodebook * kTableRow;
 //    tile_gemm's stages of 128 tokens. A warp's 8-byte loads are served in two halves of 128
 //    bytes, so a bank is still asked for at most two words per lookup (lanes l and l + 16 reading
 //    one copy of two rows), as with 32 copies.
+constexpr int kMaxScaleTablesInRows = 256 / kMaxCodebook;  // 9, with 16 copies (below)
 template <int kLaneCopies>
 struct Layout {
   static_assert(kLaneCopies == 16 || kLaneCopies == 32, "16 or 32 copies");
   static constexpr int kCopiesBytes = kLaneCopies * 8;
-  // (32 copies: the scale tables follow the digit table, as many as are built)
-  static constexpr int kMaxScaleTables = kLaneCopies == 32 ? 1 << 20 : 256 / kMaxCodebook;
   // Bytes of the digit table and `scale_tables` scale tables.
   static constexpr size_t bytes(int scale_tables) {
     return kLaneCopies == 32 ? size_t(kDigitTableBytes) + size_t(scale_tables) * kScaleTableBytes

@@ -8,9 +8,8 @@
 // to 64 tokens (128 on Hopper) and meets it with all of them, so the bytes moved stay near the
 // packed 3.5 bits per weight and the work is the tensor cores'.
 //
-// Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small;
-// the tile shapes, TileShape below, list every size and its warps) and
-// walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
+// Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small; all
+// sizes: TileShape below) and walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
 // tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256 activations (already put in
 // slot order by slot_order_kernel below) in one of two shared-memory buffers, one run ahead.
 // Blocks are persistent (one per SM: the decode tables and two stages take 135-213 KB) and take
@@ -106,8 +105,8 @@ constexpr int kGroupsPerLane = 4;                    // lane 4g+t decodes groups
 // A tile's shape: its tokens, its rows as warps of 16-row slabs, and the copies of each lookup
 // table entry (lut::Layout). The smallest shape that holds a call's tokens runs it, the last one
 // any larger call; why these: the top of the file. A kernel is compiled per shape (its index).
-// The copies: 16 where the 128-token stages need the room; measured (session 19, H200, wgmma)
-// 2-3% faster than 32 at 32 and 64 tokens, 1-4% slower at 16, even at 8.
+// The copies: 16 where the 128-token stages need the room, and at 32 and 64 tokens, where they
+// measured 0-4% faster than 32 (session 19, H200); at 16 tokens they were 2-3% slower.
 struct TileShape {
   int tokens, warps, slabs_per_warp, table_copies;
   constexpr int rows() const { return warps * 16 * slabs_per_warp; }
@@ -116,24 +115,24 @@ constexpr TileShape kSyncShapes[] = {
     {8, 16, 1, 32}, {16, 16, 1, 32}, {32, 16, 1, 32}, {64, 8, 2, 32}};
 constexpr TileShape kWgmmaShapes[] = {
     {8, 16, 1, 32}, {16, 16, 1, 32}, {32, 16, 1, 16}, {64, 16, 1, 16}, {128, 8, 1, 16}};
-constexpr int kMaxTileRows = 256;  // of any shape (tile_gemm_supports bounds copy offsets by it)
 constexpr int shape_count(bool wgmma) {
   return wgmma ? int(std::size(kWgmmaShapes)) : int(std::size(kSyncShapes));
 }
 constexpr TileShape shape_at(bool wgmma, int index) {
   return wgmma ? kWgmmaShapes[index] : kSyncShapes[index];
 }
-constexpr bool rows_within_max() {
-  for (const bool wgmma : {false, true})
-    for (int i = 0; i < shape_count(wgmma); ++i)
-      if (shape_at(wgmma, i).rows() > kMaxTileRows) return false;
-  return true;
+// The index of the shape that runs `tokens` tokens.
+constexpr int shape_index(int64_t tokens, bool wgmma) {
+  int i = 0;
+  while (i + 1 < shape_count(wgmma) && tokens > shape_at(wgmma, i).tokens) ++i;
+  return i;
 }
-static_assert(rows_within_max(), "kMaxTileRows");
-constexpr TileShape shape_for(int64_t tokens, bool wgmma) {
-  for (int i = 0; i + 1 < shape_count(wgmma); ++i)
-    if (tokens <= shape_at(wgmma, i).tokens) return shape_at(wgmma, i);
-  return shape_at(wgmma, shape_count(wgmma) - 1);
+// The most rows of any shape (tile_gemm_supports bounds the copy offsets by it).
+constexpr int max_tile_rows() {
+  int most = 0;
+  for (const bool wgmma : {false, true})
+    for (int i = 0; i < shape_count(wgmma); ++i) most = std::max(most, shape_at(wgmma, i).rows());
+  return most;
 }
 // Shared-memory stages: two for mma.sync; for wgmma three up to 32 tokens (a stage is smaller
 // there, and more of them let the warps drift further apart), else two.
@@ -158,9 +157,9 @@ __host__ __device__ constexpr int x_stage_bytes(int tile_tokens, bool wgmma) {
 __host__ __device__ constexpr int stage_bytes(int depth, TileShape shape, bool wgmma) {
   return shape.rows() * run_bytes(depth) + x_stage_bytes(shape.tokens, wgmma);
 }
-// The lookup tables (the digit table and one scale table per segment), then the stages (for wgmma from the next 1024-byte boundary, which costs at most 1024
-// bytes more).
-static_assert(kMaxSegments <= lut::Layout<16>::kMaxScaleTables, "a scale table per segment");
+// The lookup tables (the digit table and one scale table per segment), then the stages (for
+// wgmma from the next 1024-byte boundary, which costs at most 1024 bytes more).
+static_assert(kMaxSegments <= lut::kMaxScaleTablesInRows, "16 copies: a scale table per segment");
 constexpr size_t tables_bytes(TileShape shape, int segments) {
   return shape.table_copies == 16 ? lut::Layout<16>::bytes(segments)
                                   : lut::Layout<32>::bytes(segments);
@@ -739,14 +738,11 @@ void put_in_slot_order(const ProductInput& input, int64_t in_features, const at:
   C10_CUDA_CHECK(cudaLaunchKernelEx(config.get(), kernel, p));
 }
 
-// The launch of shape_for(p.tokens): shape kIndex of the form's list if it holds the tokens or
-// is the last, else the next one.
+// The launch of shape `index` (shape_index), found among the compiled ones from kIndex on.
 template <int DEPTH, typename T, bool kWgmma, int kIndex = 0>
-void launch_for_tokens(const TileParams& p, const at::Tensor& slots, const at::Tensor& out) {
-  constexpr TileShape shape = shape_at(kWgmma, kIndex);
+void launch_shape(int index, const TileParams& p, const at::Tensor& slots, const at::Tensor& out) {
   if constexpr (kIndex + 1 < shape_count(kWgmma)) {
-    if (p.tokens > shape.tokens)
-      return launch_for_tokens<DEPTH, T, kWgmma, kIndex + 1>(p, slots, out);
+    if (index != kIndex) return launch_shape<DEPTH, T, kWgmma, kIndex + 1>(index, p, slots, out);
   }
   launch<DEPTH, T, kWgmma, kIndex>(p, slots, out);
 }
@@ -760,7 +756,8 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
   const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
   at::Tensor slots = at::empty({tokens, groups * kGroupSize}, input.x.options());
   put_in_slot_order<T, kWgmma>(input, in_features, slots, groups);
-  const int tile_rows = shape_for(tokens, kWgmma).rows();
+  const int shape = shape_index(tokens, kWgmma);
+  const int tile_rows = shape_at(kWgmma, shape).rows();
   int64_t first_column = 0;  // of this launch's weights in out
   for (size_t first = 0; first < packed.size(); first += kMaxSegments) {
     TileParams p{};
@@ -788,7 +785,7 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
     p.out_stride = out.stride(0);
     p.tokens = int(tokens);
     p.runs = int(groups / kRunGroups);
-    launch_for_tokens<DEPTH, T, kWgmma>(p, slots, part);
+    launch_shape<DEPTH, T, kWgmma>(shape, p, slots, part);
   }
 }
 
@@ -827,7 +824,7 @@ bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t d
   // Whole runs, 16-byte aligned rows for the asynchronous copies, and copy offsets within a row
   // tile that fit 32 bits.
   return groups % kRunGroups == 0 && is_16_byte_aligned(packed) &&
-         packed.size(1) * kMaxTileRows < (int64_t(1) << 31);
+         packed.size(1) * max_tile_rows() < (int64_t(1) << 31);
 }
 
 void tile_gemm_into(const ProductInput& input, at::TensorList packed, at::TensorList codebooks,
