@@ -8,7 +8,7 @@ and the shapes are chosen so that each kernel meets odd M and N, K not a multipl
 K-splits and partial row blocks; the heuristic's own choice is what the other tests (3-D inputs,
 graphs, streams, compile) run. Where the heuristic sends each kernel:
   * "xtable"   depth 1-2, M = 1, whole 512-weight windows (x-tables, any dtype);
-  * "tile"     depth 1-2, float16/bfloat16 x, whole 256-weight runs, 2 <= M <= 128-512 (by
+  * "tile"     depth 1-2, float16/bfloat16 x, whole 256-weight runs, 2 <= M <= 128-1024 (by
                the weights' size and the form), on GPUs with ~200 KB of shared memory per block
                (Hopper);
   * "lut"      the same conditions where "tile" cannot run, M <= 48 (slices of 16 tokens);
@@ -75,10 +75,14 @@ PATH_CASES = [
         (2, torch.float16, 40, 64, 8192),      # one tile: K split 32 ways
         (2, torch.bfloat16, 512, 50, 512),     # 8 token tiles
         (2, torch.float16, 24, 32000, 256),    # 250 row tiles: several per persistent block
-        (2, torch.float16, 129, 300, 1024),    # wgmma: two 128-token tiles, 3 row tiles of 128
-        (1, torch.bfloat16, 256, 1000, 512),   # wgmma: 128-token tiles at depth 1
+        (2, torch.float16, 100, 300, 1024),    # wgmma: a 128-token tile, 3 row tiles of 128
+        (1, torch.bfloat16, 128, 1000, 512),   # wgmma: a 128-token tile at depth 1
         (2, torch.bfloat16, 70, 50, 8192),     # one 128 x 128 tile: K split 32 ways
-        (2, torch.float16, 300, 4100, 768),    # 3 token tiles x 33 row tiles, the last of 4 rows
+        (2, torch.float16, 129, 300, 1024),    # wgmma: a 256-token tile (runs in two stages)
+        (1, torch.bfloat16, 256, 1000, 512),   # wgmma: a 256-token tile at depth 1
+        (2, torch.float16, 200, 50, 8192),     # one 128 x 256 tile: K split 32 ways
+        (2, torch.float16, 300, 4100, 768),    # 2 token tiles x 33 row tiles, the last of 4 rows
+        (1, torch.float16, 520, 130, 1024),    # 3 token tiles of 256 (the last of 8 tokens)
     ]),
     ("generic", 3, torch.float16, 1, 37, 333),
     ("generic", 4, torch.bfloat16, 7, 9, 100),
@@ -376,7 +380,8 @@ CAT_CASES = [
     (2, torch.float16, 8, 1024, (300, 40, 513), (27, 5, 27), False),  # tile: partial row tiles
     (2, torch.bfloat16, 16, 512, (5, 260, 7, 8, 9), (27, 3, 27, 1, 27), False),  # two launches
     (2, torch.float16, 5, 4096, (1000, 256, 256), (27,) * 3, False),  # tile, K split 16 ways
-    (2, torch.bfloat16, 130, 1024, (200, 64, 64), (27, 9, 27), False),  # tile, 128-token tiles
+    (2, torch.bfloat16, 100, 1024, (200, 64, 64), (27, 9, 27), False),  # tile, 128-token tiles
+    (2, torch.float16, 250, 1024, (200, 64, 64), (27, 9, 27), False),   # tile, 256-token tiles
     (2, torch.float16, 600, 512, (70, 33), (27, 27), False),        # unpack + one cuBLAS product
     (2, torch.float32, 5, 1024, (9, 17), (27, 27), True),           # generic, one product each
     (3, torch.float16, 1, 100, (9, 4), (27, 2), True),              # generic at M = 1

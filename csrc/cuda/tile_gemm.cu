@@ -5,19 +5,20 @@
 // Why another kernel. The decode kernel (lut_gemv.cu) keeps each warp's activations in registers
 // and re-reads the packed bytes once per 16 tokens; unpack + cuBLAS (gemm.cu) writes and re-reads
 // a dense copy of W (16 bits per weight). Here a block decodes each weight once per tile of up
-// to 64 tokens (128 on Hopper) and meets it with all of them, so the bytes moved stay near the
+// to 64 tokens (256 on Hopper) and meets it with all of them, so the bytes moved stay near the
 // packed 3.5 bits per weight and the work is the tensor cores'.
 //
 // Tiles. A block owns a tile of 256 rows of W x 64 tokens (8, 16 or 32 when M is that small; all
-// sizes: TileShape below) and walks over K in runs of 256 weights (16 groups). For each run it stages, with cp.async, the
-// tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256 activations (already put in
-// slot order by slot_order_kernel below) in one of two shared-memory buffers, one run ahead.
-// Blocks are persistent (one per SM: the decode tables and two stages take 135-213 KB) and take
+// sizes: TileShape below) and walks over K in runs of 256 weights (16 groups). For each run it
+// stages, with cp.async, the tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256
+// activations (already put in slot order by slot_order_kernel below) in one of two shared-memory
+// buffers, one run ahead. Blocks are persistent (one per SM: the decode tables and the stages
+// take 135-221 KB) and take
 // tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
 // share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
 // alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
 // float32 partial products in split order (split_sums.cuh), so results are deterministic; the
-// split is chosen by an estimate of its time that counts the partials' traffic (launch()).
+// split is chosen by an estimate of its time that counts the partials' traffic (plan_split).
 //
 // Warps (mma.sync). Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand
 // of mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows g
@@ -52,6 +53,16 @@
 //    once per 128 tokens instead of 64 (28672x4096 at M = 128: 73 against 93 us). A stage of 128
 //    tokens is 78 KB; two fit beside the tables only with 16 copies of each table entry (64 KB
 //    for the digit and scale tables together, lut::Layout).
+//  * From 129 tokens on, tiles of 128 rows x 256 tokens where they are estimated cheaper than
+//    twice as many tiles of 128 tokens (session 20; run()): each weight is decoded once per 256
+//    tokens, and the accumulators take 128 registers per lane (229 in all). A run's activations
+//    (128 KB) would not fit twice, so a run takes two stages, each with half of them (two boxes)
+//    and the first with the run's bytes; the lanes keep their bytes in registers for the second.
+//    The run's two stages are one loop iteration, so that the first stage's last products still
+//    run while the second's first group decodes (the first stage is released and refilled only
+//    then); a run drains once, at the loop's end (ptxas waits for all products at a loop's back
+//    edge anyway, session 19). 28672x4096 at M = 256: 123 against 145 us, M = 1024: 439 against
+//    533 (docs/KERNEL_NOTES.md, session 20).
 //
 // Why these sizes for mma.sync (bench/gpu_kernels.py, docs/KERNEL_NOTES.md): two slabs per warp let
 // each activation load feed two products; 8 warps (2 per scheduler) hide more latency than 4 with
@@ -59,8 +70,9 @@
 // more. The decode dominates at M <= 64 (ncu at M = 8, 28672x4096: tensor pipe 8% busy; the
 // FMA-heavy pipe, which runs both the paired 16-bit arithmetic and the integer multiplies, 57%, and
 // waits for it the first stall; so lut_decode.cuh takes the fifth digits from its table, not from
-// multiplies), and a tile re-decodes its weights for every 64 tokens (128 on Hopper), so from
-// about M = 192 on (512 on Hopper), unpack + cuBLAS is about as fast or faster.
+// multiplies), and a tile re-decodes its weights for every 64 tokens (256 on Hopper), so from
+// about M = 192 on (256-1024 on Hopper, by the weight's size), unpack + cuBLAS is about as fast
+// or faster.
 //
 // The slot-order pass can compute x itself (fused inputs, SlotOrderParams below): a decode step's
 // residual add and RMSNorm before q, k, v and gate, up, or SiLU(gate) * up before down, then cost
@@ -102,19 +114,27 @@ constexpr int kRunGroups = 16;                       // groups of one K-step of 
 constexpr int kRunWeights = kRunGroups * kGroupSize;  // 256
 constexpr int kGroupsPerLane = 4;                    // lane 4g+t decodes groups 4t..4t+3
 
-// A tile's shape: its tokens, its rows as warps of 16-row slabs, and the copies of each lookup
-// table entry (lut::Layout). The smallest shape that holds a call's tokens runs it, the last one
-// any larger call; why these: the top of the file. A kernel is compiled per shape (its index).
-// The copies: 16 where the 128-token stages need the room, and at 32 and 64 tokens, where they
-// measured 0-4% faster than 32 (session 19, H200); at 16 tokens they were 2-3% slower.
+// A tile's shape: its tokens, its rows as warps of 16-row slabs, the copies of each lookup table
+// entry (lut::Layout), and the stages a run of 256 weights takes. The smallest shape that holds a
+// call's tokens runs it, the last one any larger call; why these: the top of the file. A kernel is
+// compiled per shape (its index). The copies: 16 where the large stages need the room, and at 32
+// and 64 tokens, where they measured 0-4% faster than 32 (session 19, H200); at 16 tokens they
+// were 2-3% slower. Two stages per run (half its activations each) where a whole run's would not
+// fit twice: 256 tokens x 512 bytes is 128 KB.
+// stage_nanos, a stage's time on a busy H200, prices the K split and the choice between 128 and
+// 256 tokens (plan_split): measured for 128 and 256 tokens (sessions 19-20), and the 128-token
+// figure assumed for the others, where the split's partial sums are small anyway.
 struct TileShape {
-  int tokens, warps, slabs_per_warp, table_copies;
+  int tokens, warps, slabs_per_warp, table_copies, run_parts, stage_nanos;
   constexpr int rows() const { return warps * 16 * slabs_per_warp; }
 };
-constexpr TileShape kSyncShapes[] = {
-    {8, 16, 1, 32}, {16, 16, 1, 32}, {32, 16, 1, 32}, {64, 8, 2, 32}};
-constexpr TileShape kWgmmaShapes[] = {
-    {8, 16, 1, 32}, {16, 16, 1, 32}, {32, 16, 1, 16}, {64, 16, 1, 16}, {128, 8, 1, 16}};
+constexpr TileShape kSyncShapes[] = {{8, 16, 1, 32, 1, 2500},
+                                     {16, 16, 1, 32, 1, 2500},
+                                     {32, 16, 1, 32, 1, 2500},
+                                     {64, 8, 2, 32, 1, 2500}};
+constexpr TileShape kWgmmaShapes[] = {{8, 16, 1, 32, 1, 2500},  {16, 16, 1, 32, 1, 2500},
+                                      {32, 16, 1, 16, 1, 2500}, {64, 16, 1, 16, 1, 2500},
+                                      {128, 8, 1, 16, 1, 2500}, {256, 8, 1, 16, 2, 2100}};
 constexpr int shape_count(bool wgmma) {
   return wgmma ? int(std::size(kWgmmaShapes)) : int(std::size(kSyncShapes));
 }
@@ -148,14 +168,15 @@ constexpr int kSwizzleAtom = 1024;              // ... as 1024-byte-aligned 128-
 __host__ __device__ constexpr int run_bytes(int depth) {
   return kRunGroups * bytes_per_group(depth);
 }
-// A stage: the tile's packed bytes of one run and its tokens' activations of that run. mma.sync:
-// the bytes, then the tokens' padded runs. wgmma: the activations first (whole swizzle atoms),
-// then the bytes (a tile's rows x run bytes is a multiple of 1024 too).
-__host__ __device__ constexpr int x_stage_bytes(int tile_tokens, bool wgmma) {
-  return tile_tokens * (wgmma ? kXRunBytes : kXRowStride);
+// A stage: the tile's packed bytes of one run and its tokens' activations of that run (of a part
+// of it, where a run takes several stages: then only the first part's stage holds the bytes).
+// mma.sync: the bytes, then the tokens' padded runs. wgmma: the activations first (whole swizzle
+// atoms), then the bytes (a tile's rows x run bytes is a multiple of 1024 too).
+__host__ __device__ constexpr int x_stage_bytes(TileShape shape, bool wgmma) {
+  return shape.tokens * (wgmma ? kXRunBytes / shape.run_parts : kXRowStride);
 }
 __host__ __device__ constexpr int stage_bytes(int depth, TileShape shape, bool wgmma) {
-  return shape.rows() * run_bytes(depth) + x_stage_bytes(shape.tokens, wgmma);
+  return shape.rows() * run_bytes(depth) + x_stage_bytes(shape, wgmma);
 }
 // The lookup tables (the digit table and one scale table per segment), then the stages (for
 // wgmma from the next 1024-byte boundary, which costs at most 1024 bytes more).
@@ -363,7 +384,10 @@ __global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
   constexpr int kWBytes = kTileRows * kRunBytes;
   constexpr int kStages = stages_for(kWgmma, kTileTokens);
   constexpr int kStageBytes = stage_bytes(DEPTH, kShape, kWgmma);
-  constexpr int kXStageBytes = x_stage_bytes(kTileTokens, kWgmma);
+  constexpr int kXStageBytes = x_stage_bytes(kShape, kWgmma);
+  constexpr int kParts = kShape.run_parts;              // stages per run
+  constexpr int kPartGroups = kGroupsPerLane / kParts;  // a lane's groups of a stage (and boxes)
+  static_assert(kParts == 1 || kWgmma, "runs in several stages: wgmma only");
   constexpr int kLaneBytes = kGroupsPerLane * kB;  // 28 (d=2) or 16 (d=1) bytes per row
   constexpr int kWords = kLaneBytes / 4;
   constexpr int kWChunks = kWBytes / 16;
@@ -393,12 +417,13 @@ __global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
   static_assert(!kWgmma || (kWBytes % kSwizzleAtom == 0 && kXStageBytes % kSwizzleAtom == 0),
                 "wgmma: stages of whole swizzle atoms");
 
-  // The block's work is a list of items (tile, run): tiles blockIdx.x, + gridDim.x, ..., and in
-  // each tile the runs of its split. Two cursors walk it: the consumer, and the copy issuer
-  // kStages - 1 items ahead. A cursor finds its next tile's place by adding p.step (place_after)
-  // and reads that tile's segment when it enters it: no division, one segment read per tile.
+  // The block's work is a list of items (tile, run, part): tiles blockIdx.x, + gridDim.x, ...,
+  // in each tile the runs of its split, and each run in kParts stages. Two cursors walk it: the
+  // consumer, and the copy issuer kStages - 1 items ahead. A cursor finds its next tile's place
+  // by adding p.step (place_after) and reads that tile's segment when it enters it: no division,
+  // one segment read per tile.
   struct Item {
-    int tile, first_run, runs, i;
+    int tile, first_run, items, i;  // i of the tile's items (runs of its split x kParts)
     TilePlace place;
     int count;              // items before this one (of the block): stage count % kStages
     int stage;
@@ -413,7 +438,7 @@ __global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
     it.i = 0;
     if (it.tile >= p.tiles) return;
     it.first_run = it.place.split * p.runs_per_split;
-    it.runs = min(p.runs_per_split, p.runs - it.first_run);
+    it.items = min(p.runs_per_split, p.runs - it.first_run) * kParts;
     const int index = segment_of(p, it.place.row_tile);
     const TileSegment& seg = p.segment[index];
     const int first = (it.place.row_tile - seg.first_row_tile) * kTileRows;  // of the segment
@@ -427,7 +452,7 @@ __global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
   auto advance = [&](Item& it) {
     ++it.count;
     it.stage = it.stage == kStages - 1 ? 0 : it.stage + 1;
-    if (++it.i == it.runs) {
+    if (++it.i == it.items) {
       it.tile += gridDim.x;
       it.place = place_after(it.place, p.step, p.token_tiles, p.row_tiles);
       enter_tile(it);
@@ -453,27 +478,29 @@ __global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
   const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x_slots);
   auto issue = [&](const Item& it) {
     if constexpr (kWgmma) {
-      // One thread asks the copy engine for the run's bytes (one box; rows past the segment land
-      // as zeros) and the tokens' activations (four boxes; tokens past M land as zeros), once
-      // every warp is done with the stage's previous contents.
+      // One thread asks the copy engine for the run's bytes (one box, in a run's first stage;
+      // rows past the segment land as zeros) and the tokens' activations of the stage (four
+      // boxes per run; tokens past M land as zeros), once every warp is done with the stage's
+      // previous contents.
       if (threadIdx.x != 0 || it.tile >= p.tiles) return;
       const uint32_t stage = stages_at + it.stage * kStageBytes;
       const uint32_t bar = landed_at + 8 * it.stage;
       if (it.count >= kStages)
         mbarrier_wait(consumed_at + 8 * it.stage, (it.count / kStages - 1) & 1);
-      const int run = it.first_run + it.i;
-      mbarrier_expect_bytes(bar, kStageBytes);
-      copy_box_to_shared(stage + kXStageBytes, &p.w_map[it.segment], run * kRunBytes,
-                         it.segment_row, bar);
+      const int run = it.first_run + it.i / kParts, part = it.i % kParts;
+      mbarrier_expect_bytes(bar, part == 0 ? kStageBytes : kXStageBytes);
+      if (part == 0)
+        copy_box_to_shared(stage + kXStageBytes, &p.w_map[it.segment], run * kRunBytes,
+                           it.segment_row, bar);
 #pragma unroll
-      for (int a = 0; a < kXRunBytes / kXBoxBytes; ++a)
+      for (int a = 0; a < kPartGroups; ++a)
         copy_box_to_shared(stage + a * kTileTokens * kXBoxBytes, &p.x_map,
-                           run * kXRunBytes + a * kXBoxBytes, it.place.token_tile * kTileTokens,
-                           bar);
+                           run * kXRunBytes + (part * kPartGroups + a) * kXBoxBytes,
+                           it.place.token_tile * kTileTokens, bar);
       return;
     }
     if (it.tile < p.tiles) {
-      const int run = it.first_run + it.i;
+      const int run = it.first_run + it.i;  // (one stage per run)
       uint8_t* dst = stages + it.stage * kStageBytes;
       const uint8_t* w_base = it.w_tile + int64_t(run) * kRunBytes;
 #pragma unroll
@@ -540,129 +567,182 @@ __global__ void __launch_bounds__(shape_at(kWgmma, kShapeIndex).warps * 32, 1)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[s][q][r] = 0.f;
 
-  for (; item.tile < p.tiles; advance(item)) {
-    if constexpr (kWgmma) {
-      mbarrier_wait(landed_at + 8 * item.stage, (item.count / kStages) & 1);
-    } else {
-      cp_async_wait<kStages - 2>();  // this thread's copies of `item` have landed
-      __syncthreads();  // everyone's have; and everyone is done with the stage refilled next
-    }
-    issue(ahead);
-    advance(ahead);
-
-    const uint8_t* stage = stages + item.stage * kStageBytes;
-    const uint8_t* w_stage = stage + (kWgmma ? kXStageBytes : 0);
+  // One iteration per run; a run of kParts stages is unrolled, so that a lane's group of each
+  // stage is a constant (its bytes' registers are picked at compile time), and so that wgmma's
+  // products of one stage can still run while the next stage's first group decodes: a run's
+  // stages after the first release the one before only then, and refill it (the refill waits
+  // for every warp's release, so it must not come before this warp's own).
+  for (; item.tile < p.tiles;) {
     uint32_t word[kSlabsPerWarp][2][kWords];  // this lane's bytes of rows g and g + 8 per slab
+    uint32_t pairs[2][kSlabsPerWarp][2][8];   // wgmma: group c decoded, in pairs[c % 2]
 #pragma unroll
-    for (int s = 0; s < kSlabsPerWarp; ++s)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint8_t* mine =
-            w_stage + (warp * kWarpRows + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
-        if constexpr (kLaneBytes % 16 == 0) {
-#pragma unroll
-          for (int q = 0; q < kWords / 4; ++q) {
-            const uint4 v = reinterpret_cast<const uint4*>(mine)[q];
-            word[s][h][4 * q] = v.x, word[s][h][4 * q + 1] = v.y;
-            word[s][h][4 * q + 2] = v.z, word[s][h][4 * q + 3] = v.w;
-          }
-        } else {
-#pragma unroll
-          for (int q = 0; q < kWords; ++q)
-            word[s][h][q] = reinterpret_cast<const uint32_t*>(mine)[q];
-        }
+    for (int part = 0; part < kParts; ++part) {
+      if constexpr (kWgmma) {
+        mbarrier_wait(landed_at + 8 * item.stage, (item.count / kStages) & 1);
+      } else {
+        cp_async_wait<kStages - 2>();  // this thread's copies of `item` have landed
+        __syncthreads();  // everyone's have; and everyone is done with the stage refilled next
       }
-    if constexpr (kWgmma) {
-      // Group c's pairs feed the k-steps 4c..4c+3; its products run while group c + 1 decodes
-      // into the other register set (wait<1>: group c - 1's products are done with theirs).
-      const uint64_t x_desc =
-          wgmma::descriptor_128b_swizzle(stages_at + uint32_t(item.stage * kStageBytes));
-      uint32_t w[2][kSlabsPerWarp][2][8];
-#pragma unroll
-      for (int c = 0; c < kGroupsPerLane; ++c) {
+      if (part == 0) {
+        issue(ahead);
+        advance(ahead);
+      }
+
+      const uint8_t* stage = stages + item.stage * kStageBytes;
+      if (part == 0) {  // the run's bytes, in its first stage
+        const uint8_t* w_stage = stage + (kWgmma ? kXStageBytes : 0);
 #pragma unroll
         for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
-                                              w[c % 2][s][h]);
-        wgmma::fence();
+          for (int h = 0; h < 2; ++h) {
+            const uint8_t* mine =
+                w_stage + (warp * kWarpRows + s * 16 + g + 8 * h) * kRunBytes + t * kLaneBytes;
+            if constexpr (kLaneBytes % 16 == 0) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+              for (int q = 0; q < kWords / 4; ++q) {
+                const uint4 v = reinterpret_cast<const uint4*>(mine)[q];
+                word[s][h][4 * q] = v.x, word[s][h][4 * q + 1] = v.y;
+                word[s][h][4 * q + 2] = v.z, word[s][h][4 * q + 3] = v.w;
+              }
+            } else {
 #pragma unroll
-          for (int s = 0; s < kSlabsPerWarp; ++s) {
-            const uint32_t(&ws)[2][8] = w[c % 2][s];
-            const uint32_t a[4] = {ws[0][2 * j], ws[1][2 * j], ws[0][2 * j + 1], ws[1][2 * j + 1]};
-            // k-step 4c + j: box c, 32 j bytes into its rows (the descriptor counts 16 bytes)
-            wgmma::mma<T, kTileTokens>(acc[s], a,
-                                       x_desc + (c * kTileTokens * kXBoxBytes + 32 * j) / 16);
+              for (int q = 0; q < kWords; ++q)
+                word[s][h][q] = reinterpret_cast<const uint32_t*>(mine)[q];
+            }
           }
-        wgmma::commit();
-        wgmma::wait<1>();
       }
-      // Done with the stage once the last products have read it (the bytes were read above).
-      wgmma::wait<0>();
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(consumed_at + 8 * item.stage);
-    } else {
-      const uint8_t* x_lane = stage + kWBytes + g * kXRowStride + t * 32;
+      if constexpr (kWgmma) {
+        // Group c's pairs feed the k-steps 4c..4c+3 (the stage's activation box c % kPartGroups);
+        // its products run while group c + 1 decodes into the other register set (wait<1>: group
+        // c - 1's products are done with theirs).
+        static_assert(kXRunBytes / kXBoxBytes == kGroupsPerLane, "a box of activations per group");
+        const uint64_t x_desc =
+            wgmma::descriptor_128b_swizzle(stages_at + uint32_t(item.stage * kStageBytes));
 #pragma unroll
-      for (int c = 0; c < kGroupsPerLane; ++c) {
-        uint32_t w[kSlabsPerWarp][2][8];  // decoded pairs of group 4t + c, rows g and g + 8
+        for (int b = 0; b < kPartGroups; ++b) {
+          const int c = part * kPartGroups + b;
 #pragma unroll
-        for (int s = 0; s < kSlabsPerWarp; ++s)
+          for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
-                                              w[s][h]);
-#pragma unroll
-        for (int q = 0; q < kTokenTiles; ++q) {
-          const uint4* src =
-              reinterpret_cast<const uint4*>(x_lane + q * 8 * kXRowStride + c * 128);
-          const uint4 lo = src[0], hi = src[1];
-          const uint32_t xb[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+            for (int h = 0; h < 2; ++h)
+              lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
+                                                pairs[c % 2][s][h]);
+          wgmma::fence();
 #pragma unroll
           for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int s = 0; s < kSlabsPerWarp; ++s)
-              P::mma(acc[s][q], w[s][0][2 * j], w[s][1][2 * j], w[s][0][2 * j + 1],
-                     w[s][1][2 * j + 1], xb[2 * j], xb[2 * j + 1]);
+            for (int s = 0; s < kSlabsPerWarp; ++s) {
+              const uint32_t(&ws)[2][8] = pairs[c % 2][s];
+              const uint32_t a[4] = {ws[0][2 * j], ws[1][2 * j], ws[0][2 * j + 1],
+                                     ws[1][2 * j + 1]};
+              // k-step 4c + j: box b, 32 j bytes into its rows (the descriptor counts 16 bytes)
+              wgmma::mma<T, kTileTokens>(acc[s], a,
+                                         x_desc + (b * kTileTokens * kXBoxBytes + 32 * j) / 16);
+            }
+          wgmma::commit();
+          wgmma::wait<1>();
+          if (part > 0 && b == 0) {  // the previous stage's last products are done: release it
+            __syncwarp();
+            if (lane == 0)
+              mbarrier_arrive(consumed_at + 8 * (item.stage == 0 ? kStages - 1 : item.stage - 1));
+            issue(ahead);
+            advance(ahead);
+          }
+        }
+        // Done with the run's last stage once its last products have read it (the bytes were
+        // read above).
+        if (part == kParts - 1) {
+          wgmma::wait<0>();
+          __syncwarp();
+          if (lane == 0) mbarrier_arrive(consumed_at + 8 * item.stage);
+        }
+      } else {
+        const uint8_t* x_lane = stage + kWBytes + g * kXRowStride + t * 32;
+#pragma unroll
+        for (int c = 0; c < kGroupsPerLane; ++c) {
+          uint32_t w[kSlabsPerWarp][2][8];  // decoded pairs of group 4t + c, rows g and g + 8
+#pragma unroll
+          for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              lut::decode_group_pairs<DEPTH, T>(word[s][h], c, lane_offset, digits, item.scales,
+                                                w[s][h]);
+#pragma unroll
+          for (int q = 0; q < kTokenTiles; ++q) {
+            const uint4* src =
+                reinterpret_cast<const uint4*>(x_lane + q * 8 * kXRowStride + c * 128);
+            const uint4 lo = src[0], hi = src[1];
+            const uint32_t xb[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+              for (int s = 0; s < kSlabsPerWarp; ++s)
+                P::mma(acc[s][q], w[s][0][2 * j], w[s][1][2 * j], w[s][0][2 * j + 1],
+                       w[s][1][2 * j + 1], xb[2 * j], xb[2 * j + 1]);
+          }
         }
       }
-    }
 
-    if (item.i == item.runs - 1) {  // the tile's last run: write its products
-      if constexpr (kWgmma) {  // (their wait<0> is above)
+      if (part == kParts - 1 && item.i == item.items - 1) {  // the tile's last: write it
+        if constexpr (kWgmma) {  // (their wait<0> is above)
+#pragma unroll
+          for (int s = 0; s < kSlabsPerWarp; ++s)
+#pragma unroll
+            for (int q = 0; q < kTokenTiles; ++q)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) wgmma::touch(acc[s][q][r]);
+        }
+        const int token0 = item.place.token_tile * kTileTokens;
 #pragma unroll
         for (int s = 0; s < kSlabsPerWarp; ++s)
 #pragma unroll
           for (int q = 0; q < kTokenTiles; ++q)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) wgmma::touch(acc[s][q][r]);
-      }
-      const int token0 = item.place.token_tile * kTileTokens;
-#pragma unroll
-      for (int s = 0; s < kSlabsPerWarp; ++s)
-#pragma unroll
-        for (int q = 0; q < kTokenTiles; ++q)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int row = warp * kWarpRows + s * 16 + g + 8 * (r / 2);  // of the tile
-            const int token = token0 + 8 * q + 2 * t + r % 2;
-            if (row < item.rows && token < p.tokens) {
-              const int64_t column = int64_t(item.first_row) + row;
-              if (p.splits == 1)
-                static_cast<T*>(p.out)[token * p.out_stride + column] =
-                    from_float<T>(acc[s][q][r]);
-              else
-                p.split_sums[(int64_t(item.place.split) * p.tokens + token) * p.rows + column] =
-                    acc[s][q][r];
+            for (int r = 0; r < 4; ++r) {
+              const int row = warp * kWarpRows + s * 16 + g + 8 * (r / 2);  // of the tile
+              const int token = token0 + 8 * q + 2 * t + r % 2;
+              if (row < item.rows && token < p.tokens) {
+                const int64_t column = int64_t(item.first_row) + row;
+                if (p.splits == 1)
+                  static_cast<T*>(p.out)[token * p.out_stride + column] =
+                      from_float<T>(acc[s][q][r]);
+                else
+                  p.split_sums[(int64_t(item.place.split) * p.tokens + token) * p.rows + column] =
+                      acc[s][q][r];
+              }
+              acc[s][q][r] = 0.f;
             }
-            acc[s][q][r] = 0.f;
-          }
+      }
+      advance(item);
     }
   }
   if constexpr (!kWgmma) cp_async_wait<0>();
+}
+
+// How a call splits K over tiles of `shape`, and its estimated time: the split with the least
+// estimated time, the busiest block's stages (ceil(tiles / SMs) x runs per split x stages per run,
+// stage_nanos each) plus, when K is split, the float32 partial sums written and read back (at
+// ~3 TB/s); ties go to fewer splits. The partials are negligible for a few tokens but not for
+// many (session 19: 28672x4096 at M = 256 in two splits took 197 us against ~147 without).
+struct SplitPlan {
+  int64_t nanos;
+  int runs_per_split, splits;
+};
+SplitPlan plan_split(TileShape shape, int tokens, int row_tiles, int runs, int64_t rows, int sms) {
+  constexpr int64_t kPartialBytesPerNano = 3000;
+  const int64_t base = int64_t((tokens + shape.tokens - 1) / shape.tokens) * row_tiles;
+  SplitPlan best{INT64_MAX, runs, 1};
+  for (int splits = 1; splits <= runs; ++splits) {
+    const int per_split = (runs + splits - 1) / splits;
+    const int used = (runs + per_split - 1) / per_split;
+    const int64_t tiles = base * used;
+    const int64_t partial_bytes = used > 1 ? int64_t(used) * tokens * rows * 8 : 0;
+    const int64_t stages = (tiles + sms - 1) / sms * per_split * shape.run_parts;
+    const int64_t nanos = stages * shape.stage_nanos + partial_bytes / kPartialBytesPerNano;
+    if (nanos < best.nanos) best = {nanos, per_split, used};
+    if (tiles >= 4 * sms) break;  // more splits only add partial sums
+  }
+  return best;
 }
 
 // `slots`: x in slot order (wgmma: the source of p.x_map, made here for this tile size).
@@ -680,29 +760,11 @@ void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
                            CU_TENSOR_MAP_SWIZZLE_128B);
 
   p.token_tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
-  // Split K when there are too few tiles for the SMs: pick the split with the least estimated
-  // time, the busiest block's runs (ceil(tiles / SMs) x runs per split, ~2.5 us each) plus, when
-  // K is split, the float32 partial sums written and read back (at ~3 TB/s); ties go to fewer
-  // splits. The partials are negligible for a few tokens but not for many (session 19: 28672x4096
-  // at M = 256 in two splits took 197 us against ~147 without).
-  constexpr int64_t kRunNanos = 2500, kPartialBytesPerNano = 3000;
-  const int64_t base = int64_t(p.token_tiles) * p.row_tiles;
-  int64_t best_cost = INT64_MAX;
-  for (int splits = 1; splits <= p.runs; ++splits) {
-    const int per_split = (p.runs + splits - 1) / splits;
-    const int used = (p.runs + per_split - 1) / per_split;
-    const int64_t tiles = base * used;
-    const int64_t partial_bytes = used > 1 ? int64_t(used) * p.tokens * p.rows * 8 : 0;
-    const int64_t cost =
-        (tiles + sms - 1) / sms * per_split * kRunNanos + partial_bytes / kPartialBytesPerNano;
-    if (cost < best_cost) {
-      best_cost = cost;
-      p.runs_per_split = per_split;
-      p.splits = used;
-    }
-    if (tiles >= 4 * sms) break;  // more splits only add partial sums
-  }
-  p.tiles = int(base * p.splits);
+  // Split K when there are too few tiles for the SMs (plan_split).
+  const SplitPlan plan = plan_split(kShape, p.tokens, p.row_tiles, p.runs, p.rows, sms);
+  p.runs_per_split = plan.runs_per_split;
+  p.splits = plan.splits;
+  p.tiles = p.token_tiles * p.row_tiles * p.splits;
   const int blocks = std::min(p.tiles, sms);
   p.step = place_of(blocks, p.token_tiles, p.row_tiles);
 
@@ -756,8 +818,9 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
   const int64_t groups = packed[0].size(1) / bytes_per_group(DEPTH);
   at::Tensor slots = at::empty({tokens, groups * kGroupSize}, input.x.options());
   put_in_slot_order<T, kWgmma>(input, in_features, slots, groups);
-  const int shape = shape_index(tokens, kWgmma);
-  const int tile_rows = shape_at(kWgmma, shape).rows();
+  const int fits = shape_index(tokens, kWgmma);  // the smallest shape that holds the tokens
+  const int tile_rows = shape_at(kWgmma, fits).rows();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t first_column = 0;  // of this launch's weights in out
   for (size_t first = 0; first < packed.size(); first += kMaxSegments) {
     TileParams p{};
@@ -785,6 +848,20 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
     p.out_stride = out.stride(0);
     p.tokens = int(tokens);
     p.runs = int(groups / kRunGroups);
+    // From 129 tokens on (wgmma), tiles of 128 tokens may be cheaper than tiles of 256 (both of
+    // 128 rows): twice as many tiles fill more SMs or need less K split, but each weight is
+    // decoded twice as often; the smaller estimate wins.
+    int shape = fits;
+    if (kWgmma && fits == shape_count(true) - 1) {
+      static_assert(kWgmmaShapes[std::size(kWgmmaShapes) - 2].rows() ==
+                        kWgmmaShapes[std::size(kWgmmaShapes) - 1].rows(),
+                    "the last two shapes share the weights' tensor maps");
+      const auto nanos = [&](int index) {
+        return plan_split(shape_at(kWgmma, index), p.tokens, p.row_tiles, p.runs, p.rows, sms)
+            .nanos;
+      };
+      if (nanos(fits - 1) < nanos(fits)) shape = fits - 1;
+    }
     launch_shape<DEPTH, T, kWgmma>(shape, p, slots, part);
   }
 }
