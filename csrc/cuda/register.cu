@@ -6,10 +6,10 @@
 //                 of activation sums, the fastest per weight at M = 1 (docs/KERNEL_NOTES.md);
 //   * tile_gemm   depth 1-2, float16/bfloat16 x, whole 256-weight runs (G % 16 == 0), GPUs
 //                 with ~200 KB of shared memory per block (Hopper): weights decoded in registers
-//                 once per tile of up to 128 tokens (wgmma on Hopper builds for sm_90a) or 64
+//                 once per tile of up to 256 tokens (wgmma on Hopper builds for sm_90a) or 64
 //                 (mma.sync; "tile_sync" names these wherever they can run), tensor-core
 //                 products. Faster than lut_gemv from M = 2-4 on (up to 2x on 4096x14336) and
-//                 than unpack + cuBLAS up to M = 128-192 (mma.sync) or 256-512 (wgmma; the
+//                 than unpack + cuBLAS up to M = 128-192 (mma.sync) or 256-1024 (wgmma; the
 //                 limits below);
 //   * lut_gemv    the same conditions on GPUs where tile_gemm cannot run, up to
 //                 kLutFusedMaxTokens tokens in slices of 16 (time grows with ceil(M / 16));
@@ -43,14 +43,16 @@ namespace {
 //  * mma.sync form (tiles of 64 tokens): cuBLAS wins at M = 192 on 6144x4096 and 4096x4096 (25M
 //    and 17M weights), tile_gemm up to M = 192 on 28672x4096 and up to 256 on 4096x14336 (117M
 //    and 59M);
-//  * wgmma form (tiles of 128 tokens from M = 65 on, session 19, H200): tile_gemm ahead up to
-//    M = 256 on 6144x4096 (40 against 46 us) and 4096x4096 (even), up to 512 on 28672x4096 and
-//    4096x14336 (even on the latter); cuBLAS from M = 1024 on.
+//  * wgmma form (tiles of 128 or 256 tokens from M = 65 on, session 20, H200): tile_gemm ahead up
+//    to M = 256 on 6144x4096 (40 against 46 us) and 4096x4096 (even), up to 512 on 4096x14336
+//    (128 against 132 us), up to 1024 on 28672x4096 (443 against 485 us); cuBLAS after.
 constexpr int64_t kTileLargeWeights = int64_t(32) << 20;
+constexpr int64_t kTileHugeWeights = int64_t(96) << 20;
 constexpr int64_t kTileSyncMaxTokensSmall = 128;
 constexpr int64_t kTileSyncMaxTokens = 192;
 constexpr int64_t kTileWgmmaMaxTokensSmall = 256;
 constexpr int64_t kTileWgmmaMaxTokens = 512;
+constexpr int64_t kTileWgmmaMaxTokensHuge = 1024;
 constexpr int64_t kLutFusedMaxTokens = 48;
 
 at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& codebook, int64_t depth,
@@ -98,10 +100,13 @@ bool can_run(Kernel kernel, const at::Tensor& x, at::TensorList packed, int64_t 
 // The heuristic (measurements: docs/PERF.md, "GPU"); `rows` is the weights' total N.
 Kernel choose(const at::Tensor& x, at::TensorList packed, int64_t rows, int64_t depth) {
   const int64_t tokens = x.size(0);
-  const bool large = rows * x.size(1) >= kTileLargeWeights;
+  const int64_t weights = rows * x.size(1);
+  const bool large = weights >= kTileLargeWeights;
   const int64_t tile_max_tokens =
       tile_gemm_has_wgmma(x.device().index())
-          ? (large ? kTileWgmmaMaxTokens : kTileWgmmaMaxTokensSmall)
+          ? (weights >= kTileHugeWeights ? kTileWgmmaMaxTokensHuge
+             : large                     ? kTileWgmmaMaxTokens
+                                         : kTileWgmmaMaxTokensSmall)
           : (large ? kTileSyncMaxTokens : kTileSyncMaxTokensSmall);
   if (tokens == 1 && can_run(Kernel::kXtable, x, packed, depth)) return Kernel::kXtable;
   if (tokens <= tile_max_tokens && can_run(Kernel::kTile, x, packed, depth)) return Kernel::kTile;
