@@ -76,7 +76,7 @@ bool xtable_gemv_supports(const at::Tensor& x, const at::Tensor& packed, int64_t
 void xtable_gemv_into(const ProductInput& input, at::TensorList packed, at::TensorList codebooks,
                       int64_t depth, int64_t in_features, const at::Tensor& out);
 
-// The batch kernel: tiles of 256 rows x up to 64 tokens or 128 x 128 (tile_gemm.cu's
+// The batch kernel: tiles of 256 rows x up to 64 tokens, or 128 x 128 or 128 x 256 (tile_gemm.cu's
 // TileShape), weights decoded in registers as in lut_gemv and tensor-core products, for depth 1
 // and 2, float16/bfloat16 x, any M (chosen by register.cu for M from 2 to its tile limits).
 // tile_gemm_supports says whether it can run the call for one weight (shapes, alignment, up to

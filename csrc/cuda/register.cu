@@ -45,7 +45,8 @@ namespace {
 //    and 59M);
 //  * wgmma form (tiles of 128 or 256 tokens from M = 65 on, session 20, H200): tile_gemm ahead up
 //    to M = 256 on 6144x4096 (40 against 46 us) and 4096x4096 (even), up to 512 on 4096x14336
-//    (128 against 132 us), up to 1024 on 28672x4096 (443 against 485 us); cuBLAS after.
+//    (128 against 132 us), up to 1024 on 28672x4096 (443 against 485 us, 439 against 456 in
+//    gpu_bench.py's run); cuBLAS after.
 constexpr int64_t kTileLargeWeights = int64_t(32) << 20;
 constexpr int64_t kTileHugeWeights = int64_t(96) << 20;
 constexpr int64_t kTileSyncMaxTokensSmall = 128;
