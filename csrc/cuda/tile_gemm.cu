@@ -13,12 +13,12 @@
 // stages, with cp.async, the tile's packed bytes (256 x 112 bytes at d = 2) and the tokens' 256
 // activations (already put in slot order by slot_order_kernel below) in one of two shared-memory
 // buffers, one run ahead. Blocks are persistent (one per SM: the decode tables and the stages
-// take 135-221 KB) and take
-// tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest index, so the blocks that
-// share a row tile run at the same time and read its bytes from L2, not DRAM. When the tiles
-// alone would leave SMs idle (N small, K large), K is also split, and a second kernel adds the
-// float32 partial products in split order (split_sums.cuh), so results are deterministic; the
-// split is chosen by an estimate of its time that counts the partials' traffic (plan_split).
+// take 135-221 KB) and take tiles blockIdx.x, + gridDim.x, ...; the token tile is the fastest
+// index, so the blocks that share a row tile run at the same time and read its bytes from L2, not
+// DRAM. When the tiles alone would leave SMs idle (N small, K large), K is also split, and a
+// second kernel adds the float32 partial products in split order (split_sums.cuh), so results
+// are deterministic; the split is chosen by an estimate of its time that counts the partials'
+// traffic (plan_split).
 //
 // Warps (mma.sync). Each of the 8 warps owns 32 rows of the tile: two 16-row slabs, the A operand
 // of mma.m16n8k16, decoded exactly as in lut_gemv.cu (lane 4g + t decodes groups 4t..4t+3 of rows g
