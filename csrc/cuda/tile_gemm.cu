@@ -760,11 +760,7 @@ void launch(TileParams p, const at::Tensor& slots, const at::Tensor& out) {
                            CU_TENSOR_MAP_SWIZZLE_128B);
 
   p.token_tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
-  // Split K when there are too few tiles for the SMs (plan_split).
-  const SplitPlan plan = plan_split(kShape, p.tokens, p.row_tiles, p.runs, p.rows, sms);
-  p.runs_per_split = plan.runs_per_split;
-  p.splits = plan.splits;
-  p.tiles = p.token_tiles * p.row_tiles * p.splits;
+  p.tiles = p.token_tiles * p.row_tiles * p.splits;  // (the split: run())
   const int blocks = std::min(p.tiles, sms);
   p.step = place_of(blocks, p.token_tiles, p.row_tiles);
 
@@ -848,20 +844,24 @@ void run(const ProductInput& input, int64_t in_features, at::TensorList packed,
     p.out_stride = out.stride(0);
     p.tokens = int(tokens);
     p.runs = int(groups / kRunGroups);
-    // From 129 tokens on (wgmma), tiles of 128 tokens may be cheaper than tiles of 256 (both of
-    // 128 rows): twice as many tiles fill more SMs or need less K split, but each weight is
-    // decoded twice as often; the smaller estimate wins.
+    // K is split when there are too few tiles for the SMs (plan_split). From 129 tokens on
+    // (wgmma), tiles of 128 tokens may be cheaper than tiles of 256 (both of 128 rows): twice as
+    // many tiles fill more SMs or need less K split, but each weight is decoded twice as often;
+    // the smaller estimate wins.
+    const auto plan_for = [&](int index) {
+      return plan_split(shape_at(kWgmma, index), p.tokens, p.row_tiles, p.runs, p.rows, sms);
+    };
     int shape = fits;
+    SplitPlan plan = plan_for(fits);
     if (kWgmma && fits == shape_count(true) - 1) {
       static_assert(kWgmmaShapes[std::size(kWgmmaShapes) - 2].rows() ==
                         kWgmmaShapes[std::size(kWgmmaShapes) - 1].rows(),
                     "the last two shapes share the weights' tensor maps");
-      const auto nanos = [&](int index) {
-        return plan_split(shape_at(kWgmma, index), p.tokens, p.row_tiles, p.runs, p.rows, sms)
-            .nanos;
-      };
-      if (nanos(fits - 1) < nanos(fits)) shape = fits - 1;
+      const SplitPlan smaller = plan_for(fits - 1);
+      if (smaller.nanos < plan.nanos) shape = fits - 1, plan = smaller;
     }
+    p.runs_per_split = plan.runs_per_split;
+    p.splits = plan.splits;
     launch_shape<DEPTH, T, kWgmma>(shape, p, slots, part);
   }
 }
