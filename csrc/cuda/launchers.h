@@ -80,10 +80,10 @@ void xtable_gemv_into(const ProductInput& input, at::TensorList packed, at::Tens
 // TileShape), weights decoded in registers as in lut_gemv and tensor-core products, for depth 1
 // and 2, float16/bfloat16 x, any M (chosen by register.cu for M from 2 to its tile limits).
 // tile_gemm_supports says whether it can run the call for one weight (shapes, alignment, up to
-// ~221 KB of shared memory per block). tile_gemm_into takes one or
-// more weights sharing an input and writes their products side by side, out [M, N_1 + N_2 + ...],
-// with Hopper's wgmma products (only where tile_gemm_has_wgmma: an sm_90a build on a compute
-// capability 9.0 GPU) or mma.sync ones (any sm_80+ GPU).                         tile_gemm.cu
+// ~221 KB of shared memory per block). tile_gemm_into takes one or more weights sharing an input
+// and writes their products side by side, out [M, N_1 + N_2 + ...], with Hopper's wgmma products
+// (only where tile_gemm_has_wgmma: an sm_90a build on a compute capability 9.0 GPU) or mma.sync
+// ones (any sm_80+ GPU).                                                         tile_gemm.cu
 bool tile_gemm_supports(const at::Tensor& x, const at::Tensor& packed, int64_t depth);
 bool tile_gemm_has_wgmma(int device);
 void tile_gemm_into(const ProductInput& input, at::TensorList packed, at::TensorList codebooks,
